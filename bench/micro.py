@@ -1,0 +1,175 @@
+"""Pretrain and check the embedded micro model.
+
+    python -m bench.micro train --minutes 60     # resumable: continues from .cache/micro/state.pt
+    python -m bench.micro check                  # JSON: per-attribute accuracy on 256 held-out captions
+
+Training renders scenes on the fly (`tasks.micro.world`), so no image is seen twice; captions leave out each
+attribute with probability 0.2 and are replaced by the empty caption with probability 0.1 (classifier-free
+guidance). The exported weights are an exponential moving average of the trained ones. Every `--eval-every`
+minutes the EMA model is scored by the analytic parser and the point is appended to the learning curve kept
+beside the weights (`learning_curve.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from tasks.micro import parse, world
+
+from . import models
+from .models import micro
+from .sample import generate
+
+log = logging.getLogger(__name__)
+STATE = Path(".cache/micro/state.pt")
+HELD_OUT_SEED = 10_000  # evaluation scenes come from their own stream, never the training one's
+
+
+def training_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
+    scenes = [world.sample_scene(rng) for _ in range(n)]
+    images = torch.from_numpy(np.stack([world.render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 255
+    captions = ["" if rng.random() < 0.1 else world.caption(s, rng, omit_prob=0.2) for s in scenes]
+    return images, captions
+
+
+def held_out(n: int) -> tuple[list[str], list[world.Scene]]:
+    rng = np.random.default_rng(HELD_OUT_SEED)
+    scenes = [world.sample_scene(rng) for _ in range(n)]
+    return [world.caption(s) for s in scenes], scenes
+
+
+def evaluate(model: models.Diffusion, n: int = 256, guidance: float = 2.0, steps: int = 25) -> dict:
+    """Per-attribute accuracy of the parsed samples against their full held-out captions (fixed seeds)."""
+    captions, _ = held_out(n)
+    images = generate(model, captions, seeds=range(n), steps=steps, guidance=guidance)
+    per_attr: dict[str, list[float]] = {}
+    fidelity = []
+    for img, cap in zip(images, captions):
+        scores = parse.attribute_match(parse.parse(img.permute(1, 2, 0).numpy()), world.parse_caption(cap))
+        for k, v in scores.items():
+            per_attr.setdefault(k, []).append(v)
+        fidelity.append(float(np.mean(list(scores.values()))))
+    out = {k: round(float(np.mean(v)), 4) for k, v in per_attr.items()}
+    out["prompt_fidelity"] = round(float(np.mean(fidelity)), 4)
+    return out
+
+
+def train(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    tokenizer = micro.build_tokenizer()
+    unet, text_encoder = micro.build_unet(), micro.build_text_encoder(tokenizer)
+    scheduler = micro.build_scheduler()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    state = {"step": 0, "minutes": 0.0, "curve": [], "rng": np.random.default_rng(args.seed).bit_generator.state}
+    if STATE.exists():
+        ckpt = torch.load(STATE, weights_only=False)
+        for module, key in ((unet, "unet"), (text_encoder, "text"), (ema_unet, "ema_unet"), (ema_text, "ema_text")):
+            module.load_state_dict(ckpt[key])
+        opt.load_state_dict(ckpt["opt"])
+        state = ckpt["state"]
+        log.info("resumed at step %d (%.1f training minutes)", state["step"], state["minutes"])
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state["rng"]
+    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
+    model = models.Diffusion("micro", unet, text_encoder, tokenizer, scheduler, None, world.SIZE)
+    ema_model = models.Diffusion("micro", ema_unet, ema_text, tokenizer, scheduler, None, world.SIZE)
+
+    def checkpoint() -> None:
+        ema_model.unet.eval(), ema_model.text_encoder.eval()
+        scores = evaluate(ema_model, n=args.eval_n, guidance=args.guidance)
+        state["curve"].append({"minutes": round(state["minutes"], 1), "step": state["step"], **scores})
+        log.info("step %d, %.1f min: %s", state["step"], state["minutes"], scores)
+        state["rng"] = rng.bit_generator.state
+        STATE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = STATE.with_suffix(".tmp")
+        torch.save(
+            {"unet": unet.state_dict(), "text": text_encoder.state_dict(), "ema_unet": ema_unet.state_dict(),
+             "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "state": state},
+            tmp,
+        )
+        tmp.replace(STATE)
+        micro.save(args.out, ema_unet, ema_text, tokenizer, scheduler)
+        (Path(args.out) / "learning_curve.json").write_text(json.dumps(state["curve"], indent=1))
+
+    end = time.time() + args.minutes * 60
+    next_eval = time.time() + args.eval_every * 60
+    bar = tqdm(desc="pretraining micro", unit="step", initial=state["step"])
+    unet.train(), text_encoder.train()
+    while time.time() < end:
+        t0 = time.time()
+        lr = args.lr * min(1.0, (state["step"] + 1) / 500)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        images, captions = training_batch(rng, args.batch)
+        latents = model.encode_images(images)
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),))
+        noisy = scheduler.add_noise(latents, noise, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            hidden = model.text_hidden_states(captions)
+            pred = unet(noisy, t, encoder_hidden_states=hidden).sample
+        loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - args.ema)
+        state["step"] += 1
+        state["minutes"] += (time.time() - t0) / 60
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if time.time() >= next_eval:
+            unet.eval(), text_encoder.eval()
+            checkpoint()
+            unet.train(), text_encoder.train()
+            next_eval = time.time() + args.eval_every * 60
+    checkpoint()
+
+
+def check(args: argparse.Namespace) -> None:
+    model = models.load(args.out)
+    t0 = time.time()
+    scores = evaluate(model, n=args.eval_n, guidance=args.guidance)
+    curve_file = Path(args.out) / "learning_curve.json"
+    curve = json.loads(curve_file.read_text()) if curve_file.exists() else []
+    print(json.dumps({"captions": args.eval_n, "guidance": args.guidance, "ddim_steps": 25,
+                      "seconds": round(time.time() - t0, 1), "accuracy": scores,
+                      "chance": {"background": 1 / len(world.COLORS), "color": 1 / (len(world.COLORS) - 1),
+                                 "shape": 1 / len(world.SHAPES), "size": 1 / len(world.SIZES),
+                                 "position": 1 / len(world.POSITIONS)},
+                      "learning_curve": curve}, indent=1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=["train", "check"])
+    p.add_argument("--out", default=str(micro.WEIGHTS), help="weights folder (diffusers layout)")
+    p.add_argument("--minutes", type=float, default=60.0, help="wall-clock minutes to train in this call")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast (slower on CPUs without bf16 units)")
+    p.add_argument("--eval-every", type=float, default=10.0, help="minutes between learning-curve points")
+    p.add_argument("--eval-n", type=int, default=256, help="held-out captions per evaluation")
+    p.add_argument("--guidance", type=float, default=2.0)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    (train if args.command == "train" else check)(args)
+
+
+if __name__ == "__main__":
+    main()

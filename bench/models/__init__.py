@@ -1,0 +1,130 @@
+"""One loader for every text-to-image model: the embedded micro model and diffusers checkpoints (SD-1.5, SD-2.1).
+
+`load(path)` reads a diffusers folder layout (`unet/`, `text_encoder/`, `tokenizer/`, `scheduler/`, and `vae/`
+unless `model_index.json` names the lossless space-to-depth codec the micro model uses) from a local directory
+or a hub id. With `HF_HUB_OFFLINE=1` a hub id that is not cached is a clear `ModelNotFound`, never a hang.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import AutoTokenizer, CLIPTextModel
+
+from .micro import WEIGHTS as MICRO_WEIGHTS
+
+
+class ModelNotFound(RuntimeError):
+    """Raised with a one-line message naming the path or hub id that could not be loaded."""
+
+
+@dataclasses.dataclass
+class Diffusion:
+    """The parts of a latent text-to-image diffusion model the benchmark touches."""
+
+    name: str
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: object
+    scheduler: DDPMScheduler  # training noise schedule; `sampler()` gives the matching DDIM
+    vae: AutoencoderKL | None  # None: space-to-depth codec (micro)
+    resolution: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, 3, H, W) in [0, 1] -> latents."""
+        x = images.to(self.device, self.unet.dtype) * 2 - 1
+        if self.vae is None:
+            return F.pixel_unshuffle(x, 2)
+        return self.vae.encode(x).latent_dist.sample() * self.vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents -> images (N, 3, H, W) in [0, 1]."""
+        if self.vae is None:
+            x = F.pixel_shuffle(latents, 2)
+        else:
+            x = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    def latent_shape(self, n: int) -> tuple[int, ...]:
+        c = self.unet.config.in_channels
+        s = self.unet.config.sample_size
+        return (n, c, s, s)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        return self.text_hidden_states(prompts)
+
+    def text_hidden_states(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def sampler(self) -> DDIMScheduler:
+        return DDIMScheduler.from_config(self.scheduler.config)
+
+
+def _resolve(path: str | os.PathLike) -> str:
+    if str(path) == "micro":
+        path = MICRO_WEIGHTS
+    p = Path(path).expanduser()
+    if p.exists():
+        if not (p / "unet" / "config.json").exists():
+            raise ModelNotFound(f"model.path: {p} is not a diffusers model folder (no unet/config.json)")
+        return str(p)
+    if str(path).startswith((".", "/", "~")) or os.sep in str(path) and str(path).count("/") > 1:
+        raise ModelNotFound(f"model.path: {path} does not exist")
+    return str(path)  # a hub id
+
+
+def load(path: str | os.PathLike = "micro", device: str | torch.device = "cpu", name: str | None = None) -> Diffusion:
+    """Load a diffusers-layout text-to-image model; all weights frozen, fp32, on `device`."""
+    where = _resolve(path)
+    try:
+        index = _model_index(where)
+        unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", torch_dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(where, subfolder="tokenizer")
+        scheduler = DDPMScheduler.from_pretrained(where, subfolder="scheduler")
+        vae = None
+        if index.get("latent_codec") != "space_to_depth":
+            vae = AutoencoderKL.from_pretrained(where, subfolder="vae", torch_dtype=torch.float32)
+    except ModelNotFound:
+        raise
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        offline = " (HF_HUB_OFFLINE=1: only local folders and cached hub ids load)" if _offline() else ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelNotFound(f"model.path: cannot load {where}{offline}: {first}") from e
+    resolution = index.get("resolution") or unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    model = Diffusion(name or Path(where).name, unet, text_encoder, tokenizer, scheduler, vae, int(resolution))
+    for module in (unet, text_encoder, vae):
+        if module is not None:
+            module.requires_grad_(False).eval().to(device)
+    return model
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _model_index(where: str) -> dict:
+    local = Path(where) / "model_index.json"
+    if local.exists():
+        return json.loads(local.read_text())
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(where, "model_index.json")).read_text())

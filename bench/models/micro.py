@@ -1,0 +1,107 @@
+"""The embedded micro text-to-image model: its architecture, tokenizer and latent codec.
+
+Images are 32x32 RGB in [-1, 1]; the "latent" is the lossless space-to-depth view (12 x 16 x 16), so the UNet
+sees a 16x16 grid and attention runs only at 8x8 and 4x4. Text reaches the UNet twice: through
+cross-attention and, pooled, through the time embedding (diffusers' `addition_embed_type="text"`),
+so that the global layout, decided at high noise, can depend on the caption.
+
+Everything here builds standard diffusers / transformers objects and saves them in the diffusers folder layout,
+so `bench.models.load` reads the micro model through the same code as any Stable Diffusion checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+from tasks.micro import world
+
+WEIGHTS = Path(__file__).parent / "weights" / "micro"
+MAX_TOKENS = 40  # longest caption (3 objects + background) is 33 words + BOS/EOS
+SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the micro vocabulary (`world.VOCAB`, subject tokens included)."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + world.VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=MAX_TOKENS,
+    )
+
+
+def build_text_encoder(tokenizer: PreTrainedTokenizerFast) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        projection_dim=128,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet(channels: tuple[int, ...] = (48, 96, 96), layers_per_block: int = 1) -> UNet2DConditionModel:
+    """Attention (self + cross) at 8x8 and 4x4 only: at 16x16 it made a CPU training step 2.5x slower."""
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=12,
+        out_channels=12,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(channels) - 1) + ("UpBlock2D",),
+        block_out_channels=channels,
+        layers_per_block=layers_per_block,
+        norm_num_groups=16,
+        cross_attention_dim=128,
+        attention_head_dim=32,
+        addition_embed_type="text",
+        addition_embed_type_num_heads=4,
+    )
+
+
+def build_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+
+
+def save(path: Path, unet, text_encoder, tokenizer, scheduler, dtype=torch.float16) -> None:
+    """Write the diffusers folder layout. fp16 on disk keeps the committed weights small; loading casts back."""
+    path = Path(path)
+    unet.to(dtype).save_pretrained(path / "unet")
+    text_encoder.to(dtype).save_pretrained(path / "text_encoder")
+    unet.float(), text_encoder.float()
+    tokenizer.save_pretrained(path / "tokenizer")
+    scheduler.save_pretrained(path / "scheduler")
+    (path / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "PeftbenchMicroPipeline",
+                "latent_codec": "space_to_depth",
+                "resolution": world.SIZE,
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+                "scheduler": ["diffusers", "DDPMScheduler"],
+            },
+            indent=2,
+        )
+    )

@@ -1,0 +1,254 @@
+"""One experiment as a straight line: model -> attach method -> train -> sample -> evaluate -> record.
+
+A Hydra job runs one (method, task, model, seed); the task splits it into units (DreamBooth: one per subject),
+and each unit gets its own adapter, its own directory and its own `record.json`. A unit whose record already
+says "success" with the same config hash is skipped, so a killed sweep resumes where it stopped; a unit that
+fails (NaN loss, out of memory) is recorded as failed with its reason and the job goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torchvision.utils import save_image
+
+import methods
+import tasks
+from results import record as records
+
+from . import logger as loggers
+from . import models
+from .memory import PeakMemory
+from .sample import generate
+from .train import Diverged, encode_examples, finetune
+
+log = logging.getLogger(__name__)
+SWEEP_ID = "PEFTBENCH_SWEEP_ID"  # set by bench.callbacks for a multirun; lists the records a sweep touched
+VOLATILE = ("logger", "sweep_name", "cache_dir")  # config keys that do not change a run's result
+
+
+class UsageError(ValueError):
+    """Bad input: the job stops with one line and exit status 2."""
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise UsageError(f"precision: {precision!r}; allowed: fp32, fp16, bf16")
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def images_of(model, requests, cfg, device) -> torch.Tensor:
+    with autocast(device, cfg.precision):
+        return generate(model, [r.prompt for r in requests], [r.seed for r in requests],
+                        steps=cfg.task.ddim_steps, guidance=cfg.task.guidance)
+
+
+def cached(path: Path, make):
+    """torch-saved value at `path`, made once (atomic write, so a killed job leaves no half file)."""
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    value = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    torch.save(value, tmp)
+    tmp.replace(path)
+    return value
+
+
+def key(*parts) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(model: models.Diffusion) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.unet.state_dict().items())[:8]:
+        h.update(name.encode())
+        h.update(p.float().flatten()[:1024].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_job(cfg: DictConfig) -> list[Path]:
+    """Run every unit of the task for this job's method and seed; returns the record paths."""
+    config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        task = tasks.create(cfg.task)
+        if cfg.method.name != "none" and cfg.method.name not in methods.available():
+            raise UsageError(f"method.name: unknown {cfg.method.name!r}; available: {', '.join(methods.available())}")
+        device = pick_device(cfg.device)
+        model = models.load(cfg.model.path, device=device, name=cfg.model.name)
+        units = task.units()
+    except (tasks.TaskError, models.ModelNotFound, methods.MethodError) as e:
+        discard_empty(job_dir)
+        raise UsageError(str(e)) from None
+    paths = []
+    for unit in units:
+        paths.append(run_unit(cfg, config, task, unit, model, job_dir / unit, job_dir))
+    return paths
+
+
+def discard_empty(job_dir: Path) -> None:
+    """Remove a job directory that holds only Hydra's bookkeeping, so bad input leaves nothing half-written."""
+    if job_dir.exists() and not any(job_dir.rglob("record.json")):
+        shutil.rmtree(job_dir, ignore_errors=True)
+
+
+def note_in_sweep(path: Path) -> None:
+    sweep_id = os.environ.get(SWEEP_ID)
+    if sweep_id:
+        manifest = Path(HydraConfig.get().sweep.dir) / ".sweeps" / f"{sweep_id}.txt"
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        with open(manifest, "a") as f:
+            f.write(f"{path}\n")
+
+
+def run_unit(cfg, config, task, unit, model, run_dir: Path, job_dir: Path) -> Path:
+    unit_config = {**{k: v for k, v in config.items() if k not in VOLATILE}, "unit": unit}
+    config_hash = records.config_hash(unit_config)
+    record_path = run_dir / "record.json"
+    if record_path.exists():
+        old = records.read_records([record_path])[0]
+        if old["run"]["status"] == "success" and old["run"]["config_hash"] == config_hash:
+            log.info("%s: already recorded (%s), skipping", unit, config_hash)
+            note_in_sweep(record_path)
+            return record_path
+    device = model.device
+    cache = Path(cfg.cache_dir)
+    torch.manual_seed(cfg.seed)
+    requests = task.eval_requests(unit, cfg.seed)
+    drift_requests = task.drift_requests(cfg.seed)
+
+    # Before fine-tuning: the base model on the same requests (cached; it is the leaderboard's baseline row).
+    base_key = key(model_fingerprint(model), task.fingerprint(), OmegaConf.to_container(cfg.task), unit, cfg.seed,
+                   cfg.precision, str(device))
+    base_images = cached(cache / "baseline" / f"{base_key}.pt", lambda: images_of(model, requests, cfg, device))
+    drift_base = cached(cache / "baseline" / f"{base_key}-drift.pt",
+                        lambda: images_of(model, drift_requests, cfg, device)) if drift_requests else None
+    baseline = task.score(unit, requests, base_images, None, None)
+    data = task.train_set(unit)
+    prior = prior_examples(cfg, data, model, cache)
+
+    method_cfg = cfg.method
+    try:
+        summary = (
+            {"method": "none", "variant": None, "hparams": {}, "trainable_params": 0, "stored_params": 0,
+             "budget": None}
+            if method_cfg.name == "none"
+            else methods.attach(model.unet, method_cfg.name, target_modules=list(cfg.target_modules),
+                                budget=method_cfg.get("budget"), variant=method_cfg.get("variant"),
+                                **OmegaConf.to_container(method_cfg.hparams))
+        )
+    except methods.MethodError as e:
+        discard_empty(job_dir)
+        raise UsageError(str(e)) from None
+
+    created = now()
+    record = {
+        "schema": records.SCHEMA_VERSION,
+        "run": {"id": f"{method_cfg.name}-{unit}-s{cfg.seed}-{config_hash[:8]}", "status": "running", "error": None,
+                "config": unit_config, "config_hash": config_hash, "seed": cfg.seed, "sweep": cfg.sweep_name,
+                "created_at": created, "finished_at": None, "wall_seconds": None},
+        "task": {"name": task.name, "dataset": task.dataset, "subject": unit, "model": cfg.model.name},
+        "method": {"name": method_cfg.name, "variant": summary.get("variant"), "hparams": summary["hparams"],
+                   "budget": summary.get("budget"), "trainable_params": summary["trainable_params"],
+                   "stored_params": summary["stored_params"], "adapter_bytes": 0, "lr": method_cfg.lr,
+                   "lr_scale": cfg.task.lr_scale},
+        "baseline": {"metrics": baseline.metrics},
+        "meta": {**records.environment(), "model_fingerprint": model_fingerprint(model),
+                 "dataset_fingerprint": task.fingerprint()},
+    }
+    records.write_record(run_dir, record)
+    note_in_sweep(record_path)
+    tracker = loggers.create(cfg.logger, record["run"]["id"], unit_config,
+                             tags=[method_cfg.name, task.name, cfg.model.name])
+    start = time.perf_counter()
+    try:
+        if method_cfg.name == "none":
+            images, drift_adapted, train = base_images, drift_base, None
+        else:
+            images, drift_adapted, train = train_and_sample(cfg, data, prior, model, requests, drift_requests,
+                                                           tracker)
+            record["method"]["adapter_bytes"] = methods.save(model.unet, run_dir / "adapter")
+        eval_start = time.perf_counter()
+        scores = task.score(unit, requests, images, drift_base, drift_adapted)
+        record["eval"] = {"seconds": time.perf_counter() - eval_start, "images": len(images)}
+        if train is not None:
+            record["train"] = train
+        record["metrics"], record["metric_info"] = scores.metrics, scores.info
+        records.write_table(run_dir, scores.rows)
+        grid = run_dir / "samples.png"
+        per_row = max(1, cfg.task.images_per_prompt)
+        save_image(torch.nn.functional.interpolate(images, scale_factor=max(1, 128 // images.shape[-1]),
+                                                   mode="nearest"), grid, nrow=per_row * 2, padding=1)
+        record["samples"] = [grid.name]
+        record["run"]["status"] = "success"
+        tracker.image("samples", grid)
+        tracker.table("per_prompt", scores.rows)
+        tracker.summary(scores.metrics)
+    except (Diverged, torch.OutOfMemoryError, RuntimeError) as e:
+        record["run"]["status"] = "failed"
+        record["run"]["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log.error("%s failed: %s", record["run"]["id"], record["run"]["error"])
+    finally:
+        if method_cfg.name != "none":
+            methods.detach(model.unet)
+    record["run"]["finished_at"] = now()
+    record["run"]["wall_seconds"] = time.perf_counter() - start
+    records.write_record(run_dir, record)
+    tracker.finish(failed=record["run"]["status"] != "success")
+    log.info("%s: %s %s", record["run"]["id"], record["run"]["status"], record.get("metrics", ""))
+    return record_path
+
+
+def prior_examples(cfg, data, model, cache):
+    """DreamBooth's class images: generated once by the base model (before any adapter) and cached."""
+    if not data.prior_prompt:
+        return None
+    n = cfg.task.class_images
+    class_key = key(model_fingerprint(model), data.prior_prompt, n, cfg.task.ddim_steps, cfg.task.guidance)
+    class_images = cached(cache / "class_images" / f"{class_key}.pt", lambda: generate(
+        model, [data.prior_prompt] * n, list(range(n)), steps=cfg.task.ddim_steps, guidance=cfg.task.guidance))
+    return encode_examples(model, class_images, [data.prior_prompt] * n)
+
+
+def train_and_sample(cfg, data, prior, model, requests, drift_requests, tracker):
+    """Fine-tune the attached adapter on the unit's data, then sample the evaluation and drift requests."""
+    device = model.device
+    instance = encode_examples(model, data.images, data.prompts, data.control)
+    params = methods.trainable_parameters(model.unet)
+    optimizer = methods.optimizer(model.unet, lr=cfg.method.lr * cfg.task.lr_scale,
+                                  weight_decay=cfg.method.weight_decay)
+    with PeakMemory(device) as memory:
+        result = finetune(model, instance, prior, optimizer, params, steps=cfg.task.steps,
+                          batch_size=cfg.task.batch_size, seed=cfg.seed, grad_clip=cfg.task.grad_clip,
+                          prior_weight=cfg.task.get("prior_weight", 1.0), precision=cfg.precision,
+                          on_step=lambda step, loss: tracker.log({"loss": loss}, step=step))
+    images = images_of(model, requests, cfg, device)
+    drift_adapted = images_of(model, drift_requests, cfg, device) if drift_requests else None
+    stride = max(1, len(result.losses) // 200)
+    train = {"steps": result.steps, "seconds": result.seconds, "peak_memory_mb": memory.mb,
+             "memory_source": memory.source, "loss_first": result.losses[0], "loss_last": result.losses[-1],
+             "loss_curve": result.losses[::stride]}
+    return images, drift_adapted, train

@@ -1,0 +1,103 @@
+"""The fine-tuning loop: noise-prediction loss, prior preservation, the registry's optimiser, a NaN guard.
+
+loss = ‖ε − ε_θ(x_t, t, c)‖² on instance images + prior_weight · the same on class images (DreamBooth's prior
+preservation), with x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε. The optimiser comes from `methods.optimizer`, so no method
+is special-cased here. Only adapter (and control-encoder) parameters train; the text encoder stays frozen, so
+each distinct prompt is encoded once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .models import Diffusion
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite; the run is recorded as failed with this message."""
+
+
+@dataclasses.dataclass
+class Examples:
+    latents: torch.Tensor
+    hidden: torch.Tensor  # text encoder states, one per example
+    control: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    losses: list[float]
+
+
+def encode_examples(model: Diffusion, images: torch.Tensor, prompts: list[str],
+                    control: torch.Tensor | None = None) -> Examples:
+    with torch.no_grad():
+        latents = torch.cat([model.encode_images(images[i : i + 16]) for i in range(0, len(images), 16)])
+        unique = sorted(set(prompts))
+        states = dict(zip(unique, model.encode_prompts(unique)))
+    hidden = torch.stack([states[p] for p in prompts])
+    return Examples(latents, hidden, None if control is None else control.to(model.device))
+
+
+def _noise_loss(model: Diffusion, ex: Examples, idx: torch.Tensor, control_fn, gen: torch.Generator) -> torch.Tensor:
+    x0 = ex.latents[idx]
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+    t = torch.randint(0, model.scheduler.config.num_train_timesteps, (len(idx),), generator=gen).to(x0.device)
+    noisy = model.scheduler.add_noise(x0, noise, t)
+    extra = control_fn(ex.control[idx]) if control_fn is not None and ex.control is not None else {}
+    pred = model.unet(noisy, t, encoder_hidden_states=ex.hidden[idx], **extra).sample
+    return F.mse_loss(pred.float(), noise.float())
+
+
+def finetune(
+    model: Diffusion,
+    instance: Examples,
+    prior: Examples | None,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    steps: int,
+    batch_size: int,
+    seed: int,
+    grad_clip: float = 1.0,
+    prior_weight: float = 1.0,
+    precision: str = "fp32",
+    control_fn=None,
+    on_step=None,
+) -> TrainResult:
+    """Train the attached adapter for `steps` steps; raises Diverged on a non-finite loss."""
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    device_type = model.device.type
+    losses = []
+    model.unet.train()
+    t0 = time.perf_counter()
+    for step in tqdm(range(steps), desc="fine-tuning", leave=False):
+        idx = torch.from_numpy(rng.choice(len(instance.latents), size=batch_size, replace=True))
+        with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = _noise_loss(model, instance, idx, control_fn, gen)
+            if prior is not None:
+                pidx = torch.from_numpy(rng.choice(len(prior.latents), size=batch_size, replace=True))
+                loss = loss + prior_weight * _noise_loss(model, prior, pidx, control_fn, gen)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise Diverged(f"loss became {value} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        losses.append(value)
+        if on_step is not None:
+            on_step(step, value)
+    model.unet.eval()
+    return TrainResult(steps, time.perf_counter() - t0, losses)
