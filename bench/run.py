@@ -59,10 +59,12 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
-def images_of(model, requests, cfg, device) -> torch.Tensor:
+def images_of(model, requests, cfg, device, encoder=None) -> torch.Tensor:
+    """Sample the requests; with a control encoder each image is conditioned on its request's control image."""
+    controls = torch.stack([r.control for r in requests]) if encoder is not None else None
     with autocast(device, cfg.precision):
         return generate(model, [r.prompt for r in requests], [r.seed for r in requests],
-                        steps=cfg.task.ddim_steps, guidance=cfg.task.guidance)
+                        steps=cfg.task.ddim_steps, guidance=cfg.task.guidance, controls=controls, encoder=encoder)
 
 
 def cached(path: Path, make):
@@ -140,7 +142,8 @@ def run_unit(cfg, config, task, unit, model, run_dir: Path, job_dir: Path) -> Pa
     requests = task.eval_requests(unit, cfg.seed)
     drift_requests = task.drift_requests(cfg.seed)
 
-    # Before fine-tuning: the base model on the same requests (cached; it is the leaderboard's baseline row).
+    # Before fine-tuning: the base model on the same requests, without any control (cached; it is the
+    # leaderboard's baseline row).
     base_key = key(model_fingerprint(model), task.fingerprint(), OmegaConf.to_container(cfg.task), unit, cfg.seed,
                    cfg.precision, str(device))
     base_images = cached(cache / "baseline" / f"{base_key}.pt", lambda: images_of(model, requests, cfg, device))
@@ -188,8 +191,11 @@ def run_unit(cfg, config, task, unit, model, run_dir: Path, job_dir: Path) -> Pa
         if method_cfg.name == "none":
             images, drift_adapted, train = base_images, drift_base, None
         else:
+            encoder = task.control_encoder(model.unet)
+            if encoder is not None:
+                record["method"]["extra_trainable"] = {"control_encoder": sum(p.numel() for p in encoder.parameters())}
             images, drift_adapted, train = train_and_sample(cfg, data, prior, model, requests, drift_requests,
-                                                           tracker)
+                                                           encoder, tracker)
             record["method"]["adapter_bytes"] = methods.save(model.unet, run_dir / "adapter")
         eval_start = time.perf_counter()
         scores = task.score(unit, requests, images, drift_base, drift_adapted)
@@ -233,19 +239,24 @@ def prior_examples(cfg, data, model, cache):
     return encode_examples(model, class_images, [data.prior_prompt] * n)
 
 
-def train_and_sample(cfg, data, prior, model, requests, drift_requests, tracker):
-    """Fine-tune the attached adapter on the unit's data, then sample the evaluation and drift requests."""
+def train_and_sample(cfg, data, prior, model, requests, drift_requests, encoder, tracker):
+    """Fine-tune the attached adapter (and the task's control encoder, if any) on the unit's data, then sample
+    the evaluation and drift requests."""
     device = model.device
     instance = encode_examples(model, data.images, data.prompts, data.control)
     params = methods.trainable_parameters(model.unet)
-    optimizer = methods.optimizer(model.unet, lr=cfg.method.lr * cfg.task.lr_scale,
-                                  weight_decay=cfg.method.weight_decay)
+    optimizers = [methods.optimizer(model.unet, lr=cfg.method.lr * cfg.task.lr_scale,
+                                    weight_decay=cfg.method.weight_decay)]
+    if encoder is not None:  # identical for every method: its own AdamW at the task's learning rate
+        encoder.to(device)
+        params = params + list(encoder.parameters())
+        optimizers.append(torch.optim.AdamW(encoder.parameters(), lr=cfg.task.control_lr))
     with PeakMemory(device) as memory:
-        result = finetune(model, instance, prior, optimizer, params, steps=cfg.task.steps,
+        result = finetune(model, instance, prior, optimizers, params, steps=cfg.task.steps,
                           batch_size=cfg.task.batch_size, seed=cfg.seed, grad_clip=cfg.task.grad_clip,
                           prior_weight=cfg.task.get("prior_weight", 1.0), precision=cfg.precision,
-                          on_step=lambda step, loss: tracker.log({"loss": loss}, step=step))
-    images = images_of(model, requests, cfg, device)
+                          encoder=encoder, on_step=lambda step, loss: tracker.log({"loss": loss}, step=step))
+    images = images_of(model, requests, cfg, device, encoder)
     drift_adapted = images_of(model, drift_requests, cfg, device) if drift_requests else None
     stride = max(1, len(result.losses) // 200)
     train = {"steps": result.steps, "seconds": result.seconds, "peak_memory_mb": memory.mb,

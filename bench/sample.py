@@ -6,7 +6,8 @@ the same (prompt, seed) gives the same image at any batch size.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -27,13 +28,14 @@ def generate(
     steps: int = 25,
     guidance: float = 2.0,
     batch_size: int = 64,
-    control: Callable[[slice], dict] | None = None,
+    controls: torch.Tensor | None = None,
+    encoder=None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Images (N, 3, H, W) in [0, 1] for prompts[i] from seeds[i].
 
-    `control(batch_slice)`, when given, returns extra UNet keyword arguments for that slice of the batch (the
-    controllable tasks pass their encoded control signal this way); they are applied to both guidance branches.
+    With `controls` (N, C, H, W) and a control `encoder` (tasks.controllable.ControlEncoder), image i is
+    conditioned on controls[i] in both guidance branches.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"prompts and seeds differ in length ({len(prompts)} vs {len(seeds)})")
@@ -47,13 +49,16 @@ def generate(
         n = part.stop - part.start
         cond = model.encode_prompts(list(prompts[part]))
         text = torch.cat([empty.expand(n, -1, -1), cond])
-        extra = control(part) if control else {}
-        extra = {k: torch.cat([v, v]) for k, v in extra.items()}
         latents = initial_noise(model, seeds[part]).to(model.device) * sampler.init_noise_sigma
-        for t in sampler.timesteps:
-            x = sampler.scale_model_input(torch.cat([latents, latents]), t)
-            eps_uncond, eps_cond = model.unet(x, t, encoder_hidden_states=text, **extra).sample.chunk(2)
-            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-            latents = sampler.step(eps, t, latents).prev_sample
+        injected = contextlib.nullcontext()
+        if controls is not None:
+            c = controls[part].to(model.device)
+            injected = encoder.inject(model.unet, torch.cat([c, c]))
+        with injected:
+            for t in sampler.timesteps:
+                x = sampler.scale_model_input(torch.cat([latents, latents]), t)
+                eps_uncond, eps_cond = model.unet(x, t, encoder_hidden_states=text).sample.chunk(2)
+                eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+                latents = sampler.step(eps, t, latents).prev_sample
         out.append(model.decode_latents(latents).cpu())
     return torch.cat(out)

@@ -8,6 +8,7 @@ each distinct prompt is encoded once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -48,13 +49,14 @@ def encode_examples(model: Diffusion, images: torch.Tensor, prompts: list[str],
     return Examples(latents, hidden, None if control is None else control.to(model.device))
 
 
-def _noise_loss(model: Diffusion, ex: Examples, idx: torch.Tensor, control_fn, gen: torch.Generator) -> torch.Tensor:
+def _noise_loss(model: Diffusion, ex: Examples, idx: torch.Tensor, encoder, gen: torch.Generator) -> torch.Tensor:
     x0 = ex.latents[idx]
     noise = torch.randn(x0.shape, generator=gen).to(x0.device)
     t = torch.randint(0, model.scheduler.config.num_train_timesteps, (len(idx),), generator=gen).to(x0.device)
     noisy = model.scheduler.add_noise(x0, noise, t)
-    extra = control_fn(ex.control[idx]) if control_fn is not None and ex.control is not None else {}
-    pred = model.unet(noisy, t, encoder_hidden_states=ex.hidden[idx], **extra).sample
+    injected = encoder.inject(model.unet, ex.control[idx]) if ex.control is not None else contextlib.nullcontext()
+    with injected:
+        pred = model.unet(noisy, t, encoder_hidden_states=ex.hidden[idx]).sample
     return F.mse_loss(pred.float(), noise.float())
 
 
@@ -62,7 +64,7 @@ def finetune(
     model: Diffusion,
     instance: Examples,
     prior: Examples | None,
-    optimizer: torch.optim.Optimizer,
+    optimizers: list[torch.optim.Optimizer],
     params: list[torch.nn.Parameter],
     steps: int,
     batch_size: int,
@@ -70,10 +72,11 @@ def finetune(
     grad_clip: float = 1.0,
     prior_weight: float = 1.0,
     precision: str = "fp32",
-    control_fn=None,
+    encoder=None,
     on_step=None,
 ) -> TrainResult:
-    """Train the attached adapter for `steps` steps; raises Diverged on a non-finite loss."""
+    """Train the attached adapter (and a task's control encoder, with its own optimiser) for `steps` steps;
+    raises Diverged on a non-finite loss."""
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
@@ -84,18 +87,20 @@ def finetune(
     for step in tqdm(range(steps), desc="fine-tuning", leave=False):
         idx = torch.from_numpy(rng.choice(len(instance.latents), size=batch_size, replace=True))
         with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = _noise_loss(model, instance, idx, control_fn, gen)
+            loss = _noise_loss(model, instance, idx, encoder, gen)
             if prior is not None:
                 pidx = torch.from_numpy(rng.choice(len(prior.latents), size=batch_size, replace=True))
-                loss = loss + prior_weight * _noise_loss(model, prior, pidx, control_fn, gen)
+                loss = loss + prior_weight * _noise_loss(model, prior, pidx, encoder, gen)
         value = loss.item()
         if not math.isfinite(value):
             raise Diverged(f"loss became {value} at step {step}")
-        optimizer.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
+        for opt in optimizers:
+            opt.step()
         losses.append(value)
         if on_step is not None:
             on_step(step, value)

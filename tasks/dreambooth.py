@@ -99,6 +99,9 @@ class MicroDreamBooth:
         info = {k: v for k, v in micro_metrics.METRIC_INFO.items() if k in metrics}
         return Scores(metrics, rows, info)
 
+    def control_encoder(self, unet) -> None:
+        return None
+
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         for s in self.subjects.values():

@@ -86,8 +86,8 @@ def _resolve(path: str | os.PathLike) -> str:
         if not (p / "unet" / "config.json").exists():
             raise ModelNotFound(f"model.path: {p} is not a diffusers model folder (no unet/config.json)")
         return str(p)
-    if str(path).startswith((".", "/", "~")) or os.sep in str(path) and str(path).count("/") > 1:
-        raise ModelNotFound(f"model.path: {path} does not exist")
+    if p.is_absolute() or str(path).startswith((".", "~")) or str(path).count("/") != 1:
+        raise ModelNotFound(f"model.path: {path} does not exist (a local folder, or a hub id 'owner/name')")
     return str(path)  # a hub id
 
 
@@ -105,7 +105,7 @@ def load(path: str | os.PathLike = "micro", device: str | torch.device = "cpu", 
             vae = AutoencoderKL.from_pretrained(where, subfolder="vae", torch_dtype=torch.float32)
     except ModelNotFound:
         raise
-    except (OSError, ValueError, json.JSONDecodeError) as e:
+    except Exception as e:  # whatever the libraries raise for absent or corrupt files: one line naming the path
         offline = " (HF_HUB_OFFLINE=1: only local folders and cached hub ids load)" if _offline() else ""
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelNotFound(f"model.path: cannot load {where}{offline}: {first}") from e

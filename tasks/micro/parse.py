@@ -10,6 +10,7 @@ an edge map and five keypoints per object (centroid, top, bottom, left, right).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 from scipy import ndimage
@@ -70,16 +71,22 @@ def keypoints(mask: np.ndarray) -> np.ndarray:
     return np.array(pts, np.float64)
 
 
+@functools.lru_cache(maxsize=None)
+def _template(shape: str, size: str, cy2: int, cx2: int) -> np.ndarray:
+    """Template mask centred at (cy2 / 2, cx2 / 2): centres on the half-pixel grid, so templates are reused."""
+    return world.shape_mask(shape, world.SIZES[size], (cy2 / 2, cx2 / 2))
+
+
 def _classify(mask: np.ndarray, centroid: tuple[float, float]) -> tuple[str, str, float]:
     """Best (shape, size, IoU) of the templates centred near `centroid` (a half-pixel search absorbs the offset
     between a shape's centroid and its box centre, e.g. a triangle's)."""
     best = ("circle", "small", -1.0)
-    cy, cx = centroid
+    cy2, cx2 = round(2 * centroid[0]), round(2 * centroid[1])
     for shape in world.SHAPES:
-        for size, extent in world.SIZES.items():
-            for oy in (-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5):
-                for ox in (-0.5, 0.0, 0.5):
-                    t = world.shape_mask(shape, extent, (cy + oy, cx + ox))
+        for size in world.SIZES:
+            for oy in range(-3, 4):
+                for ox in (-1, 0, 1):
+                    t = _template(shape, size, cy2 + oy, cx2 + ox)
                     iou = (t & mask).sum() / max((t | mask).sum(), 1)
                     if iou > best[2]:
                         best = (shape, size, float(iou))

@@ -1,0 +1,134 @@
+import numpy as np
+import pytest
+
+from tasks.metrics import micro as micro_metrics
+from tasks.micro import parse, subjects, world
+
+
+def scenes(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [world.sample_scene(rng) for _ in range(n)]
+
+
+def test_render_is_deterministic_and_uses_the_palette():
+    s = scenes(1)[0]
+    a, b = world.render(s), world.render(s)
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    colours = {tuple(c) for c in a.reshape(-1, 3)}
+    assert colours <= {world.COLORS[s.background]} | {world.COLORS[o.color] for o in s.objects}
+
+
+def test_shapes_are_distinct_at_both_sizes():
+    for size in world.SIZES.values():
+        masks = [world.shape_mask(k, size, (16, 16)) for k in world.SHAPES]
+        for i in range(len(masks)):
+            for j in range(i + 1, len(masks)):
+                iou = (masks[i] & masks[j]).sum() / (masks[i] | masks[j]).sum()
+                assert iou < 0.85, (world.SHAPES[i], world.SHAPES[j], iou)
+
+
+def test_scenes_keep_objects_apart_and_off_the_background_colour():
+    for s in scenes(300, seed=3):
+        assert 1 <= len(s.objects) <= 3
+        assert all(o.color != s.background for o in s.objects)
+        for i, a in enumerate(s.objects):
+            for b in s.objects[i + 1 :]:
+                assert not world.overlaps(a, b)
+
+
+def test_caption_grammar_round_trips():
+    for s in scenes(200, seed=1):
+        spec = world.parse_caption(world.caption(s))
+        assert spec["background"] == s.background
+        got = [(o["shape"], o["color"], o["size"], o["position"]) for o in spec["objects"]]
+        assert got == [(o.shape, o.color, o.size, o.position) for o in s.objects]
+
+
+def test_caption_omissions_leave_attributes_open():
+    rng = np.random.default_rng(0)
+    s = world.Scene("blue", (world.Obj("circle", "red", "big", 0),))
+    seen = {world.caption(s, rng, omit_prob=0.5) for _ in range(200)}
+    assert "a big red circle in the top left on a blue background" in seen
+    assert "a circle" in seen
+    spec = world.parse_caption("a circle")
+    assert spec["objects"] == [{"size": None, "color": None, "shape": "circle", "position": None}]
+    assert spec["background"] is None
+
+
+def test_unknown_prompt_word_names_the_word_and_vocabulary():
+    with pytest.raises(ValueError, match=r"unknown word 'teal'.*vocabulary"):
+        world.parse_caption("a teal circle")
+    with pytest.raises(ValueError, match="bad position 'top center'"):
+        world.parse_caption("a red circle in the top center")
+
+
+def test_parser_reads_clean_renders_back():
+    hits = {k: [] for k in ("background", "count", "color", "shape", "size", "position", "segmentation")}
+    for s in scenes(300, seed=2):
+        img = world.render(s)
+        p = parse.parse(img)
+        hits["background"].append(p.background == s.background)
+        hits["count"].append(len(p.objects) == len(s.objects))
+        truth = np.zeros((32, 32), np.int64)
+        for o in s.objects:
+            truth[world.object_mask(o)] = 1 + world.SHAPES.index(o.shape)
+        hits["segmentation"].append((p.segmentation == truth).mean())
+        for k, v in parse.attribute_match(p, world.parse_caption(world.caption(s))).items():
+            if k != "background":
+                hits[k].append(v)
+    for k, v in hits.items():
+        assert np.mean(v) >= 0.99, (k, np.mean(v))
+
+
+def test_parser_edges_and_keypoints():
+    obj = world.Obj("square", "red", "big", 4)
+    p = parse.parse(world.render(world.Scene("blue", (obj,))))
+    ys, xs = np.nonzero(world.object_mask(obj))
+    assert p.keypoints.shape == (1, 5, 2)
+    np.testing.assert_allclose(p.keypoints[0, 0], (ys.mean() + 0.5, xs.mean() + 0.5))
+    assert p.keypoints[0, 1, 0] == ys.min() + 0.5 and p.keypoints[0, 2, 0] == ys.max() + 0.5
+    assert p.edges.sum() > 0 and not p.edges[0, 0] and p.edges[ys.min(), xs.mean().astype(int)]
+
+
+def test_parser_survives_noise():
+    rng = np.random.default_rng(0)
+    s = scenes(1, seed=5)[0]
+    img = world.render(s).astype(np.float32) / 255 + rng.normal(0, 0.05, (32, 32, 3))
+    p = parse.parse(np.clip(img, 0, 1).astype(np.float32))
+    assert p.background == s.background and len(p.objects) == len(s.objects)
+
+
+def test_subjects_are_new_and_have_families_of_prompts():
+    assert len(subjects.SUBJECTS) >= 6
+    tokens = {s.token for s in subjects.SUBJECTS.values()}
+    assert len(tokens) == len(subjects.SUBJECTS) and tokens <= set(world.SUBJECT_TOKENS)
+    for s in subjects.SUBJECTS.values():
+        refs = subjects.reference_images(s)
+        assert refs.shape == (5, 32, 32, 3)
+        assert len({tuple(r[0, 0]) for r in refs}) == 5  # five backgrounds
+        # A subject is two-coloured, unlike every pretraining object.
+        obj_pixels = subjects.subject_layers(s, "big", 4)[0]
+        assert len({tuple(c) for c in refs[0][obj_pixels]}) == 2
+        prompts = subjects.eval_prompts(s)
+        assert len(prompts) >= 10 and {p.family for p in prompts} == {"context", "property"}
+        for p in prompts:
+            world.parse_caption(p.text)  # every prompt is in the vocabulary
+
+
+def test_subject_fidelity_tells_the_subject_from_a_plain_shape():
+    s = subjects.SUBJECTS["checker"]
+    prompt = subjects.eval_prompts(s)[0]
+    good = subjects.render(s, prompt.background, 2)
+    plain = world.render(world.Scene(prompt.background, (world.Obj(s.shape, s.main, "big", 2),)))
+    wrong_place = subjects.render(s, "black", 2)
+    sg, sp = micro_metrics.score_image(good, s, prompt), micro_metrics.score_image(plain, s, prompt)
+    assert sg["subject_fidelity"] == 1.0 and sg["prompt_fidelity"] == 1.0
+    assert sp["subject_fidelity"] < 0.8
+    assert micro_metrics.score_image(wrong_place, s, prompt)["prompt_fidelity"] == 0.0
+
+
+def test_diversity_and_drift():
+    a, b = world.render(scenes(1, 0)[0]), world.render(scenes(1, 1)[0])
+    assert micro_metrics.diversity([a, a]) == 0.0 and micro_metrics.diversity([a, b]) > 0
+    assert micro_metrics.drift([a], [a]) == 0.0 and micro_metrics.drift([a], [b]) > 0

@@ -1,0 +1,52 @@
+"""Tiny randomly initialised Stable-Diffusion-layout pipelines, saved to a folder, for loader and pipeline tests."""
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+WORDS = ["a", "photo", "of", "sks", "dog", "cat", "red", "on", "the", "beach", "in", "snow", "backpack", "jungle"]
+
+
+def save_tiny_sd(path: Path, seed: int = 0) -> Path:
+    """A 32-px SD-1.5-shaped pipeline (VAE 4x down, UNet with cross-attention, CLIP text encoder + BPE tokenizer)."""
+    torch.manual_seed(seed)
+    path = Path(path)
+    tok_dir = path / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    letters = sorted({c for w in WORDS for c in w})
+    vocab, merges = {}, []
+    for t in specials + letters + [c + "</w>" for c in letters]:
+        vocab.setdefault(t, len(vocab))
+    for w in WORDS:  # merges building each word left to right: "p h", "ph o", ..., "phot o</w>"
+        pieces = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            vocab.setdefault(pieces[0], len(vocab))
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16,
+                              pad_token="<|endoftext|>")
+    tokenizer.save_pretrained(tok_dir)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
+                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                                        projection_dim=32, eos_token_id=vocab["<|endoftext|>"]))
+    text.save_pretrained(path / "text_encoder")
+    UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
+    ).save_pretrained(path / "unet")
+    AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 16, 32), latent_channels=4,
+        norm_num_groups=8, sample_size=32,
+    ).save_pretrained(path / "vae")
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                  beta_end=0.012).save_pretrained(path / "scheduler")
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return path
