@@ -112,7 +112,8 @@ def validate(record: dict) -> None:
         for name, value in metrics.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise RecordError(f"record field {section}.{name}: must be a number, got {value!r}")
-            if not isinstance((info.get(name) or {}).get("higher_is_better"), bool):
+            direction = (info.get(name) or {}).get("higher_is_better")
+            if status == "success" and not isinstance(direction, bool):
                 raise RecordError(f"record field metric_info.{name}.higher_is_better: missing (true or false)")
 
 
@@ -122,6 +123,7 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide records from the rest of a team
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()

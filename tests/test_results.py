@@ -1,0 +1,525 @@
+"""The results layer on records the tests write: record contract, leaderboard, Pareto, paper tables, report, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib import image as mpimg
+
+import results
+from results import __main__ as cli
+from results import papers, pareto, report
+from results.leaderboard import label
+from results.record import SCHEMA_VERSION, RecordError, atomic_write
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO_INFO = {
+    "subject_fidelity": {"higher_is_better": True, "description": "parsed subject match", "paper": None,
+                         "analogue_of": "DINO/CLIP-I"},
+    "prompt_fidelity": {"higher_is_better": True, "description": "prompt attributes satisfied", "paper": None,
+                        "analogue_of": "CLIP-T"},
+    "drift": {"higher_is_better": False, "description": "change on unrelated prompts", "paper": None,
+              "analogue_of": None},
+}
+QUALITY = {"lora": 0.60, "oft": 0.70, "coft": 0.66, "boft": 0.68, "mobius": 0.72}
+PARAMS = {"lora": 4096, "oft": 1536, "coft": 1536, "boft": 2304, "mobius": 2048}
+
+
+def make_record(method="lora", seed=0, subject="glyph_a", sweep="sweep_a", status="success", coft=None,
+                variant=None, budget=None, task="dreambooth", **extra) -> dict:
+    """A schema-1 record of a micro run whose metrics depend on method, seed and subject (deterministically)."""
+    name = "oft" if method == "coft" else method
+    hparams = {"lr": 1e-3, "blocks": 4}
+    if coft is not None:
+        hparams["coft"] = coft
+    config = {"method": {"name": name, **hparams}, "task": task, "subject": subject, "seed": seed}
+    quality = QUALITY[method] + 0.01 * seed + (0.02 if subject == "glyph_b" else 0.0)
+    record = {
+        "schema": 1,
+        "run": {"id": f"{sweep}-{method}-{subject}-{seed}", "status": status, "error": None, "config": config,
+                "config_hash": results.config_hash(config), "seed": seed, "sweep": sweep,
+                "created_at": "2025-01-01T00:00:00", "finished_at": "2025-01-01T00:05:00", "wall_seconds": 300.0},
+        "task": {"name": task, "dataset": "micro", "subject": subject, "model": "micro"},
+        "method": {"name": name, "variant": variant, "hparams": hparams, "budget": budget,
+                   "trainable_params": PARAMS[method], "stored_params": PARAMS[method] * 2 if name == "oft"
+                   else PARAMS[method], "adapter_bytes": PARAMS[method] * 4},
+        "meta": {"python": "3.11", "git_commit": "abc123", "git_dirty": False, "model_fingerprint": "m",
+                 "dataset_fingerprint": "d"},
+    }
+    if status == "success":
+        record.update(
+            train={"steps": 50, "seconds": 10.0 + PARAMS[method] / 1000, "peak_memory_mb": 500.0 + seed,
+                   "memory_source": "rss", "loss_first": 1.0, "loss_last": 0.5, "loss_curve": [1.0, 0.5]},
+            eval={"seconds": 2.0, "images": 16},
+            metrics={"subject_fidelity": quality, "prompt_fidelity": 0.5 + quality / 10, "drift": 1 - quality},
+            metric_info=MICRO_INFO,
+            baseline={"metrics": {"subject_fidelity": 0.2 + 0.01 * seed, "prompt_fidelity": 0.4, "drift": 0.0}},
+        )
+    else:  # as the runner writes it: the base model was scored before training failed; no metric_info yet
+        record["run"]["error"] = "RuntimeError: loss is NaN at step 12\nTraceback ..."
+        record["baseline"] = {"metrics": {"subject_fidelity": 0.2 + 0.01 * seed}}
+    record.update(extra)
+    return record
+
+
+def write_run(root: Path, record: dict, samples: bool = False) -> Path:
+    run_dir = root / record["run"]["sweep"] / record["run"]["id"]
+    if samples:
+        (run_dir / "samples").mkdir(parents=True)
+        mpimg.imsave(run_dir / "samples" / "grid.png", np.random.default_rng(0).random((8, 8, 3)))
+        record = {**record, "samples": ["samples/grid.png"]}
+    results.write_record(run_dir, record)
+    return run_dir
+
+
+@pytest.fixture
+def runs(tmp_path) -> Path:
+    """Two sweeps: lora, oft, coft over 2 subjects x 2 seeds, a failed boft; then mobius and a failed lora."""
+    root = tmp_path / "runs"
+    for method, coft in (("lora", None), ("oft", False), ("coft", True)):
+        for subject in ("glyph_a", "glyph_b"):
+            for seed in (0, 1):
+                write_run(root, make_record(method, seed, subject, coft=coft), samples=seed == 0)
+    write_run(root, make_record("boft", 0, status="failed"))
+    for seed in (0, 1):
+        write_run(root, make_record("mobius", seed, sweep="sweep_b", variant="boost"))
+    write_run(root, make_record("lora", 2, sweep="sweep_b", status="failed"))
+    return root
+
+
+# ---------------------------------------------------------------- record contract
+
+def test_config_hash_is_stable_and_order_free():
+    a = results.config_hash({"b": 1, "a": {"y": [1, 2], "x": 0.5}})
+    b = results.config_hash({"a": {"x": 0.5, "y": [1, 2]}, "b": 1})
+    assert a == b and re.fullmatch(r"[0-9a-f]{16}", a)
+    assert results.config_hash({"b": 2}) != results.config_hash({"b": 1})
+
+
+def test_environment_lists_versions_git_and_host():
+    env = results.environment()
+    assert set(env["packages"]) == {"torch", "diffusers", "transformers", "peft"}
+    assert env["python"].count(".") == 2 and env["cpu_count"] >= 1 and env["hostname"]
+    assert "git_commit" in env and "git_dirty" in env and "gpu" in env
+    json.dumps(env)  # it goes into record.json
+
+
+def test_write_and_read_round_trip(tmp_path):
+    record = make_record()
+    del record["schema"]  # write_record fills in the current version
+    path = results.write_record(tmp_path / "run", record)
+    assert path == tmp_path / "run" / "record.json"
+    assert [p.name for p in path.parent.iterdir()] == ["record.json"]  # no temp file left behind
+    [back] = results.read_records([tmp_path])
+    assert back["schema"] == SCHEMA_VERSION and back["_path"] == str(tmp_path / "run")
+    assert back["metrics"] == record["metrics"]
+    table = results.write_table(tmp_path / "run", [{"prompt": "a", "score": 1.0}, {"prompt": "b", "extra": 2}])
+    assert table.read_text().splitlines() == ["prompt,score,extra", "a,1.0,", "b,,2"]
+
+
+def test_write_record_rejects_bad_records(tmp_path):
+    bad = make_record()
+    bad["run"]["status"] = "done"
+    with pytest.raises(RecordError, match="run.status: 'done', allowed: success, failed"):
+        results.write_record(tmp_path, bad)
+    no_info = make_record()
+    no_info["metric_info"] = {}
+    with pytest.raises(RecordError, match="metric_info.subject_fidelity.higher_is_better"):
+        results.write_record(tmp_path, no_info)
+    with pytest.raises(RecordError, match="task: missing"):
+        results.write_record(tmp_path, {k: v for k, v in make_record().items() if k != "task"})
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_nan_metrics_are_written_as_null(tmp_path):
+    record = make_record()
+    record["metrics"]["drift"] = float("nan")
+    path = results.write_record(tmp_path, record)
+    assert json.loads(path.read_text())["metrics"]["drift"] is None
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    target = tmp_path / "record.json"
+    atomic_write(target, "old")
+
+    def crash(*args):
+        raise KeyboardInterrupt  # interrupted after the data was written, before the rename
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, "new")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["record.json"]
+
+
+KILLED_WRITER = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("record", sys.argv[1])
+record = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(record)
+base = {"run": {"id": "r", "status": "running", "config_hash": "h", "seed": 0}, "task": {"name": "t"},
+        "method": {"name": "m"}, "meta": {"pad": "x" * 200_000}}
+print("ready", flush=True)
+for i in range(10**9):
+    base["run"]["step"] = i
+    record.write_record(sys.argv[2], base)
+"""
+
+
+def test_kill_9_leaves_a_whole_record(tmp_path):
+    """SIGKILL at arbitrary moments while records are rewritten: record.json always parses."""
+    for delay in (0.05, 0.2, 0.45):
+        writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(ROOT / "results" / "record.py"),
+                                   str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        assert writer.stdout.readline() == "ready\n"
+        try:
+            writer.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            writer.kill()
+        writer.wait()
+        writer.stdout.close()
+        if (tmp_path / "record.json").exists():
+            assert json.loads((tmp_path / "record.json").read_text())["run"]["id"] == "r"
+    assert results.read_records([tmp_path])[0]["run"]["step"] >= 0
+
+
+def test_read_records_errors_are_one_line(tmp_path):
+    with pytest.raises(RecordError, match="no records"):
+        results.read_records([tmp_path])
+    with pytest.raises(RecordError, match="no such file or directory"):
+        results.read_records([tmp_path / "missing"])
+    newer = make_record()
+    newer["schema"] = SCHEMA_VERSION + 1
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "record.json").write_text(json.dumps(newer))
+    with pytest.raises(RecordError) as e:
+        results.read_records([tmp_path])
+    assert str(tmp_path / "new" / "record.json") in str(e.value)
+    assert f"schema {SCHEMA_VERSION + 1} is newer" in str(e.value) and f"({SCHEMA_VERSION})" in str(e.value)
+    (tmp_path / "new" / "record.json").write_text('{"schema": 1, "run": ')
+    with pytest.raises(RecordError, match=r"record.json: malformed JSON \(line 1"):
+        results.read_records([tmp_path])
+
+
+def test_read_records_ignores_temporary_files(tmp_path):
+    write_run(tmp_path, make_record())
+    (tmp_path / "sweep_a" / ".record.json.x1.tmp").write_text("{half")
+    assert len(results.read_records([tmp_path, tmp_path / "sweep_a"])) == 1  # found twice, read once
+
+
+def test_find_record_for_resume(tmp_path):
+    failed = make_record(status="failed")
+    write_run(tmp_path, failed)
+    wanted = failed["run"]["config_hash"]
+    assert results.find_record(tmp_path, wanted)["run"]["status"] == "failed"
+    write_run(tmp_path, make_record(sweep="rerun"))
+    assert results.find_record(tmp_path, wanted)["run"]["status"] == "success"
+    assert results.find_record(tmp_path, "0" * 16) is None
+    assert results.find_record(tmp_path / "nowhere", wanted) is None
+
+
+# ---------------------------------------------------------------- leaderboard
+
+def test_load_flattens_one_row_per_run(runs):
+    df = results.load([runs])
+    assert len(df) == 12 + 1 + 2 + 1
+    assert {"metrics.subject_fidelity", "method.hparams.blocks", "run.sweep", "path"} <= set(df.columns)
+    assert isinstance(df["run.config"].iloc[0], dict)
+    assert set(df["run.sweep"]) == {"sweep_a", "sweep_b"}
+
+
+def test_leaderboard_aggregates_ranks_and_counts_failures(runs):
+    board = results.leaderboard(results.load([runs]))
+    rows = {label(row): row for _, row in board.iterrows()}
+    assert list(rows) == ["before fine-tuning", "mobius/boost", "oft (coft=False)", "oft (coft=True)", "lora", "boft"]
+    lora, oft = rows["lora"], rows["oft (coft=False)"]
+    # lora: 2 subjects x 2 seeds, plus one failed lora run in the second sweep
+    assert (lora["n"], lora["failed"]) == (4, 1)
+    values = [0.60, 0.61, 0.62, 0.63]
+    assert lora["subject_fidelity"] == pytest.approx(np.mean(values))
+    assert lora["subject_fidelity.lo"] < np.mean(values) < lora["subject_fidelity.hi"]
+    assert lora["subject_fidelity.n"] == 4 and rows["mobius/boost"]["n"] == 2
+    # ranks follow each metric's direction: mobius best on fidelity (higher) and on drift (lower)
+    assert board.loc[board["method"] == "mobius", "subject_fidelity.rank"].item() == 1
+    assert board.loc[board["method"] == "mobius", "drift.rank"].item() == 1
+    assert board.loc[board["method"] == "lora", "drift.rank"].item() == 4
+    boft = rows["boft"]
+    assert (boft["n"], boft["failed"]) == (0, 1) and np.isnan(boft["subject_fidelity"])
+    # the base model: one per (task, subject, seed, model), shown first and not ranked
+    base = board.iloc[0]
+    # (seeds 0, 1 x 2 subjects, and seed 2 from the failed lora run; the other runs repeat these)
+    assert base["method"] == results.BASELINE and base["n"] == 5 and pd.isna(base["subject_fidelity.rank"])
+    assert base["subject_fidelity"] == pytest.approx(0.208) and base["prompt_fidelity.n"] == 4
+    # stored vs effective parameters, costs
+    assert (oft["trainable_params"], oft["stored_params"]) == (1536, 3072)
+    assert lora["adapter_bytes"] == 4 * 4096 and lora["memory_source"] == "rss"
+    assert lora["peak_memory_mb"] == 501.0 and lora["train_seconds"] == pytest.approx(10 + 4.096)
+
+
+def test_bootstrap_ci_is_reproducible_and_degenerate_for_one_value():
+    x = [0.1, 0.4, 0.35, 0.8, 0.55]
+    assert results.bootstrap_ci(x) == results.bootstrap_ci(x)
+    mean, low, high, n = results.bootstrap_ci(x)
+    assert low < mean < high and n == 5 and mean == pytest.approx(0.44)
+    assert results.bootstrap_ci([0.3, np.nan]) == (0.3, 0.3, 0.3, 1)
+
+
+def test_leaderboard_by_sweep_and_chosen_metrics(runs):
+    board = results.leaderboard(results.load([runs]), metrics=["drift"], by=["run.sweep"])
+    assert "subject_fidelity" not in board and "drift.rank" in board
+    lora = board[board["method"] == "lora"].set_index("run.sweep")
+    assert lora.loc["sweep_a", "n"] == 4 and lora.loc["sweep_b", "failed"] == 1
+    with pytest.raises(RecordError, match="unknown metric 'dino'; known: subject_fidelity, prompt_fidelity, drift"):
+        results.leaderboard(results.load([runs]), metrics=["dino"])
+
+
+def test_repeated_run_in_two_sweeps_counts_once(tmp_path, caplog):
+    write_run(tmp_path, make_record("lora", 0, sweep="first"))
+    write_run(tmp_path, make_record("lora", 0, sweep="second"))
+    board = results.leaderboard([tmp_path])
+    assert board.loc[board["method"] == "lora", "n"].item() == 1
+    assert "counted once" in caplog.text
+
+
+def test_markdown_shows_direction_ci_rank_and_failures(runs):
+    text = results.to_markdown(results.leaderboard([runs]))
+    header = text.splitlines()[0]
+    assert "subject_fidelity ↑" in header and "drift ↓" in header and "failed" in header
+    assert "before fine-tuning" in text and "stored 3.07k" in text and "16 KiB" in text
+    assert re.search(r"0\.615 \[0\.6\d*, 0\.6\d*\] #4", text)  # lora: mean [CI] #rank
+    one = results.leaderboard([make_record("oft", coft=False)])
+    assert "(n=1) #1" in results.to_markdown(one)
+
+
+def test_run_summary_uses_leaderboard_names():
+    summary = results.run_summary(make_record("oft", coft=False))
+    assert set(summary) == {"subject_fidelity", "prompt_fidelity", "drift", "trainable_params", "stored_params",
+                            "adapter_bytes", "train_seconds", "peak_memory_mb"}
+    board = results.leaderboard([make_record("oft", coft=False)])
+    assert set(summary) <= set(board.columns)
+
+
+# ---------------------------------------------------------------- Pareto
+
+def test_pareto_front():
+    on = pareto.front([1, 2, 3, 4, 2], [0.5, 0.7, 0.6, 0.9, 0.7], higher_is_better=True)
+    assert on.tolist() == [True, True, False, True, True]
+    assert pareto.front([1, 2], [0.5, 0.4], higher_is_better=False).tolist() == [True, True]
+
+
+def test_pareto_plot_files(runs, tmp_path):
+    board = results.leaderboard([runs])
+    pts = pareto.points(board, "subject_fidelity", "params")
+    front = set(pts.loc[pts["on_front"], "label"])
+    assert front == {"oft (coft=False)", "mobius/boost"}
+    svg = pareto.save(pareto.plot(board, "subject_fidelity", "params"), tmp_path / "front.svg")
+    assert "<svg" in svg.read_text() and "mobius/boost" in svg.read_text()
+    png = pareto.save(pareto.plot(board, "drift", "memory"), tmp_path / "front.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(RecordError, match="must be one of .png, .svg"):
+        pareto.save(pareto.plot(board, "drift", "time"), tmp_path / "front.jpg")
+
+
+# ---------------------------------------------------------------- paper tables
+
+def _papers_md_tables() -> dict[str, list[list[str]]]:
+    """The Markdown tables of shared/papers.md, keyed by the line that introduces each."""
+    text = (ROOT.parent / "shared" / "papers.md").read_text()
+    tables, title = {}, None
+    for line in text.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not set("".join(cells)) <= set("-"):
+                tables.setdefault(title, []).append(cells)
+        elif line.strip():
+            title = line
+    return tables
+
+
+def _number(text: str):
+    return None if text == "—" else float(text.rstrip("M"))
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "papers.md").is_file(), reason="shared/papers.md not beside")
+def test_paper_files_hold_the_published_numbers():
+    tables = {title.split(" — ")[0].split(" (")[0]: rows for title, rows in _papers_md_tables().items() if title}
+    by_method = {"OFT Table 1": "oft_table1", "BOFT Table 6": "boft_table6"}
+    for title, name in by_method.items():  # methods are rows in papers.md too
+        header, *body = tables[title]
+        paper = papers.load_paper(name)
+        published = papers.published(paper).set_index("method").astype(object)
+        published = published.where(published.notna(), None)
+        columns = [c["name"] for c in paper["columns"]]
+        for row in body:
+            assert [published.loc[row[0], c] for c in columns] == [_number(v) for v in row[1:]], (name, row)
+    transposed = {"OFT Table 2": ("oft_table2", 2), "BOFT Table 9": ("boft_table9", 2),
+                  "OFT Table 3": ("oft_table3", 1)}
+    for title, (name, keys) in transposed.items():  # tasks x metrics are rows in papers.md
+        header, *body = tables[title]
+        published = papers.published(papers.load_paper(name)).set_index("method")
+        methods = header[keys:]
+        if name == "oft_table3":
+            methods = [m if m == "ControlNet" else f"OFT {m}" for m in methods]
+        for row in body:
+            column = " ".join(row[:keys]) if keys == 2 else {"trainable params": "trainable params (M)"}.get(row[0],
+                                                                                                             row[0])
+            assert [published.loc[m, column] for m in methods] == [_number(v) for v in row[keys:]], (name, row)
+    for name in papers.available():
+        paper = papers.load_paper(name)
+        assert paper["citation"] and paper["table"] and " et al." in paper["citation"]
+
+
+def test_paper_view_labels_micro_analogues(runs):
+    text = papers.render(papers.load_paper("oft_table1"), results.load([runs]))
+    assert text.startswith("OFT Table 1") and "Qiu et al." in text and "NeurIPS 2023, Table 1" in text
+    header = text.splitlines()[2]
+    assert "DINO (paper)" in header and "micro analogue of DINO: subject_fidelity" in header
+    assert "micro analogue of CLIP-I: subject_fidelity" in header  # analogue_of "DINO/CLIP-I" names both
+    assert "micro analogue of CLIP-T: prompt_fidelity" in header
+    assert "DINO (measured)" not in header  # the analogue is never passed off as DINO
+    table = papers.compare(papers.load_paper("oft_table1"), results.load([runs])).set_index("method")
+    assert table.loc["COFT", "measured as"] == "oft {coft=True}" and table.loc["COFT", "n"] == 4
+    assert table.loc["COFT", "micro analogue of DINO: subject_fidelity"].startswith("0.675 [")
+    assert table.loc["OFT", "micro analogue of DINO: subject_fidelity"].startswith("0.715 [")
+    assert table.loc["LoRA", "DINO (paper)"] == 0.613 and table.loc["real images", "measured as"] == "—"
+    assert "analogues of the paper's metric" in text
+
+
+def test_paper_view_uses_the_real_metric_when_recorded(tmp_path):
+    record = make_record("lora")
+    record["metrics"]["dino"] = 0.61
+    record["metric_info"] = {**MICRO_INFO, "dino": {"higher_is_better": True, "description": "DINO ViT-S/16",
+                                                    "paper": "OFT", "analogue_of": None}}
+    table = papers.compare(papers.load_paper("oft_table1"), [record]).set_index("method")
+    assert table.loc["LoRA", "DINO (measured)"] == "0.61 (n=1)"
+
+
+def test_paper_view_for_control_tasks(tmp_path):
+    """OFT Table 2: real metrics by name, micro analogues by analogue_of, the base model as the "SD" row."""
+    info = {"mIoU": {"higher_is_better": True, "description": "parsed mIoU", "paper": "OFT Table 2 (S2I)",
+                     "analogue_of": None},
+            "keypoint_error": {"higher_is_better": False, "description": "parsed keypoints", "paper": None,
+                               "analogue_of": "landmark error (OFT Table 2, L2F)"}}
+    records = []
+    for r, miou in ((2, 30.0), (4, 25.0)):
+        records.append(make_record("oft", task="seg2img", coft=False, metrics={"mIoU": miou}, metric_info=info,
+                                   baseline={"metrics": {"mIoU": 5.0}}))
+        records[-1]["method"]["hparams"]["blocks"] = r
+    records.append(make_record("lora", task="landmark2img", metrics={"keypoint_error": 3.5}, metric_info=info,
+                               baseline={"metrics": {"keypoint_error": 9.0}}))
+    table = papers.compare(papers.load_paper("oft_table2"), records)
+    assert list(table.columns[5:9]) == ["C2I IoU (paper)", "C2I F1 (paper)", "S2I mIoU (paper)", "S2I mIoU (measured)"]
+    assert "micro analogue of L2F error: keypoint_error" in table.columns
+    rows = table.set_index(["method", "measured as"])
+    assert rows.loc[("SD", "before fine-tuning"), "S2I mIoU (measured)"] == "5 (n=1)"
+    assert rows.loc[("SD", "before fine-tuning"), "micro analogue of L2F error: keypoint_error"] == "9 (n=1)"
+    assert rows.loc[("OFT", "oft (blocks=2) {coft=False}"), "S2I mIoU (measured)"] == "30 (n=1)"
+    assert rows.loc[("LoRA", "lora"), "micro analogue of L2F error: keypoint_error"] == "3.5 (n=1)"
+    by_blocks = papers.compare(papers.load_paper("oft_table3"), records).set_index("method")
+    assert by_blocks.loc["OFT r=4", "mIoU (measured)"] == "25 (n=1)"
+    assert by_blocks.loc["OFT r=4", "trainable params (M) (measured)"] == "0.001536"
+    assert by_blocks.loc["OFT r=8", "measured as"] == "—"
+
+
+def test_paper_tables_listed_and_published_alone():
+    assert papers.available() == ["boft_table6", "boft_table9", "oft_table1", "oft_table2", "oft_table3"]
+    text = papers.render(papers.load_paper("boft_table6"))
+    assert "Liu et al." in text and "| BOFT m=4, r=8" in text and "5.667" in text
+
+
+# ---------------------------------------------------------------- report
+
+def test_report_is_self_contained(runs, tmp_path):
+    path = report.write(results.load([runs]), tmp_path / "report.html")
+    html = path.read_text()
+    for section in ("Leaderboard", "Parameters and quality", "Pareto fronts", "Failed runs", "Samples"):
+        assert f"<h2>{section}</h2>" in html
+    sources = re.findall(r'(?:src|href)="([^"]*)"', html)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "loss is NaN at step 12" in html and "mobius/boost" in html
+    # sample grids (lora, oft, coft); plots: 3 metrics against params, the first against memory and time
+    assert html.count("<figure>") == 3 + 5 and "<td>abc123</td>" in html
+
+
+# ---------------------------------------------------------------- CLI
+
+def run_cli(*args, capsys) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_leaderboard(runs, tmp_path, capsys):
+    code, out, err = run_cli("leaderboard", runs, "--metrics", "subject_fidelity,drift", "--csv",
+                             tmp_path / "b.csv", "--html", tmp_path / "b.html", capsys=capsys)
+    assert code == 0 and "| task" in out and "subject_fidelity ↑" in out and "prompt_fidelity" not in out
+    assert "2 run(s) did not succeed" in out and "loss is NaN at step 12" in out
+    csv = pd.read_csv(tmp_path / "b.csv")
+    assert {"subject_fidelity", "subject_fidelity.lo", "drift.rank", "trainable_params"} <= set(csv.columns)
+    assert "<table" in (tmp_path / "b.html").read_text()
+
+
+def test_cli_pareto_paper_report(runs, tmp_path, capsys):
+    code, out, _ = run_cli("pareto", runs, "--x", "params", "--y", "subject_fidelity", "-o", tmp_path / "p.png",
+                           capsys=capsys)
+    assert code == 0 and "Pareto front (subject_fidelity vs params): " in out and (tmp_path / "p.png").is_file()
+    code, out, _ = run_cli("paper", "--list", capsys=capsys)
+    assert code == 0 and "oft_table1: OFT Table 1" in out and len(out.splitlines()) == 5
+    code, out, _ = run_cli("paper", "oft_table1", runs, capsys=capsys)
+    assert code == 0 and "micro analogue of DINO" in out
+    code, out, _ = run_cli("report", runs, "-o", tmp_path / "r.html", capsys=capsys)
+    assert code == 0 and (tmp_path / "r.html").is_file()
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("empty", "no records (record.json) found under"),
+    ("newer", "is newer than this results package reads (1)"),
+    ("metric", "unknown metric 'dino'; known: subject_fidelity, prompt_fidelity, drift"),
+    ("paper", "unknown paper table 'oft_table9'; available: boft_table6"),
+    ("format", "plot format must be one of .png, .svg"),
+])
+def test_cli_bad_input_is_one_line_exit_2(case, expected, runs, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    newer = tmp_path / "newer"
+    (newer / "run").mkdir(parents=True)
+    (newer / "run" / "record.json").write_text(json.dumps({**make_record(), "schema": 2}))
+    argv = {
+        "empty": ["leaderboard", empty],
+        "newer": ["leaderboard", runs, newer],
+        "metric": ["leaderboard", runs, "--metrics", "dino"],
+        "paper": ["paper", "oft_table9", runs],
+        "format": ["pareto", runs, "--y", "drift", "-o", tmp_path / "p.jpg"],
+    }[case]
+    code, out, err = run_cli(*argv, capsys=capsys)
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1 and out == ""
+
+
+def test_cli_module_exits_2_without_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "results", "leaderboard", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == f"python -m results: error: no records (record.json) found under {tmp_path}"
+
+
+# ---------------------------------------------------------------- notebook
+
+def test_notebook_runs_on_records(runs, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("PEFTBENCH_RUNS", str(runs))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    notebook = nbformat.read(ROOT / "notebooks" / "leaderboard.ipynb", as_version=4)
+    nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT)}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in outputs)
+    assert "subject_fidelity ↑" in text and "before fine-tuning" in text
+    assert any("image/png" in o.get("data", {}) for o in outputs)
