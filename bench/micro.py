@@ -166,7 +166,10 @@ def main() -> None:
     p.add_argument("--eval-every", type=float, default=10.0, help="minutes between learning-curve points")
     p.add_argument("--eval-n", type=int, default=256, help="held-out captions per evaluation")
     p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 when sharing a busy machine)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     (train if args.command == "train" else check)(args)
 

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
 import methods
+import results
 import tasks
 from results import record as records
 
@@ -102,6 +103,9 @@ def run_job(cfg: DictConfig) -> list[Path]:
         device = pick_device(cfg.device)
         model = models.load(cfg.model.path, device=device, name=cfg.model.name)
         units = task.units()
+        if cfg.method.name != "none":  # validate the hyper-parameters before any work
+            attach_method(cfg, model)
+            methods.detach(model.unet)
     except (tasks.TaskError, models.ModelNotFound, methods.MethodError) as e:
         discard_empty(job_dir)
         raise UsageError(str(e)) from None
@@ -109,6 +113,16 @@ def run_job(cfg: DictConfig) -> list[Path]:
     for unit in units:
         paths.append(run_unit(cfg, config, task, unit, model, job_dir / unit, job_dir))
     return paths
+
+
+def attach_method(cfg, model) -> dict:
+    """Attach the configured method to the UNet's target modules; returns the registry's summary."""
+    if cfg.method.name == "none":
+        return {"method": "none", "variant": None, "hparams": {}, "trainable_params": 0, "stored_params": 0,
+                "budget": None}
+    return methods.attach(model.unet, cfg.method.name, target_modules=list(cfg.target_modules),
+                          budget=cfg.method.get("budget"), variant=cfg.method.get("variant"),
+                          **OmegaConf.to_container(cfg.method.hparams))
 
 
 def discard_empty(job_dir: Path) -> None:
@@ -154,18 +168,7 @@ def run_unit(cfg, config, task, unit, model, run_dir: Path, job_dir: Path) -> Pa
     prior = prior_examples(cfg, data, model, cache)
 
     method_cfg = cfg.method
-    try:
-        summary = (
-            {"method": "none", "variant": None, "hparams": {}, "trainable_params": 0, "stored_params": 0,
-             "budget": None}
-            if method_cfg.name == "none"
-            else methods.attach(model.unet, method_cfg.name, target_modules=list(cfg.target_modules),
-                                budget=method_cfg.get("budget"), variant=method_cfg.get("variant"),
-                                **OmegaConf.to_container(method_cfg.hparams))
-        )
-    except methods.MethodError as e:
-        discard_empty(job_dir)
-        raise UsageError(str(e)) from None
+    summary = attach_method(cfg, model)
 
     created = now()
     record = {
@@ -212,7 +215,6 @@ def run_unit(cfg, config, task, unit, model, run_dir: Path, job_dir: Path) -> Pa
         record["run"]["status"] = "success"
         tracker.image("samples", grid)
         tracker.table("per_prompt", scores.rows)
-        tracker.summary(scores.metrics)
     except (Diverged, torch.OutOfMemoryError, RuntimeError) as e:
         record["run"]["status"] = "failed"
         record["run"]["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -223,6 +225,7 @@ def run_unit(cfg, config, task, unit, model, run_dir: Path, job_dir: Path) -> Pa
     record["run"]["finished_at"] = now()
     record["run"]["wall_seconds"] = time.perf_counter() - start
     records.write_record(run_dir, record)
+    tracker.summary(results.run_summary(record))  # the leaderboard's metric and cost names
     tracker.finish(failed=record["run"]["status"] != "success")
     log.info("%s: %s %s", record["run"]["id"], record["run"]["status"], record.get("metrics", ""))
     return record_path

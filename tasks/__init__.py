@@ -15,7 +15,14 @@ def _dreambooth(cfg) -> Task:
     return dreambooth.DreamBench(cfg) if cfg.get("root") else dreambooth.MicroDreamBooth(cfg)
 
 
-TASKS = {"dreambooth": _dreambooth}
+def _controllable(cfg) -> Task:
+    from . import controllable
+
+    return controllable.MicroControllable(cfg)
+
+
+TASKS = {"dreambooth": _dreambooth, "seg2img": _controllable, "canny2img": _controllable,
+         "landmark2img": _controllable}
 
 
 def create(cfg) -> Task:

@@ -13,16 +13,17 @@ extractor for FID. Real datasets are read from `task.root` in the ADE20K, COCO a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from .base import Request, Scores, TaskError, TrainSet
+from .metrics import MetricInfo, register_metric
+from .metrics import control as control_metrics
 from .micro import parse, world
 
 KINDS = ("seg2img", "canny2img", "landmark2img")
@@ -110,22 +111,26 @@ def micro_examples(kind: str, n: int, seed: int):
 # ---------------------------------------------------------------------------------------------------------------
 # Metrics on micro images
 # ---------------------------------------------------------------------------------------------------------------
-def micro_features(images: np.ndarray) -> torch.Tensor:
-    """The project's FID feature for micro images: palette-colour histogram (8), background (8), and the
-    parsed objects' shape (4), size (2) and position (9) histograms — 31 numbers per image."""
-    feats = []
-    colours = list(world.COLORS)
-    for img in images:
-        p = parse.parse(img)
-        hist = np.bincount(parse.quantize(img).ravel(), minlength=len(colours)) / img.shape[0] / img.shape[1]
-        f = [hist, np.eye(len(colours))[colours.index(p.background)]]
-        for attr, values in (("shape", world.SHAPES), ("size", tuple(world.SIZES)), ("position", range(9))):
-            h = np.zeros(len(values))
-            for o in p.objects:
-                h[list(values).index(getattr(o, attr))] += 1
-            f.append(h)
-        feats.append(np.concatenate(f))
-    return torch.tensor(np.stack(feats), dtype=torch.float64)
+class MicroFeatures(nn.Module):
+    """The project's FID feature for micro images (images (N, 3, 32, 32) in [0, 1] -> (N, 31)): palette-colour
+    histogram (8), background colour (8), and the parsed objects' shape (4), size (2) and position (9) counts."""
+
+    num_features = 31  # torchmetrics reads this instead of probing with a 299x299 image
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        colours = list(world.COLORS)
+        feats = []
+        for img in images.permute(0, 2, 3, 1).cpu().numpy():
+            p = parse.parse(img)
+            hist = np.bincount(parse.quantize(img).ravel(), minlength=len(colours)) / img[..., 0].size
+            f = [hist, np.eye(len(colours))[colours.index(p.background)]]
+            for attr, values in (("shape", world.SHAPES), ("size", tuple(world.SIZES)), ("position", range(9))):
+                counts = np.zeros(len(values))
+                for o in p.objects:
+                    counts[list(values).index(getattr(o, attr))] += 1
+                f.append(counts)
+            feats.append(np.concatenate(f))
+        return torch.tensor(np.stack(feats), dtype=torch.float32)
 
 
 def keypoint_error(pred: np.ndarray, target: np.ndarray) -> float:
@@ -145,21 +150,20 @@ def keypoint_error(pred: np.ndarray, target: np.ndarray) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # The tasks
 # ---------------------------------------------------------------------------------------------------------------
-METRIC_INFO = {
-    "mIoU": dict(higher_is_better=True, description="mean IoU of the parsed segmentation vs the input (%)",
-                 paper="OFT Table 2 (S2I)", analogue_of=None),
-    "mAcc": dict(higher_is_better=True, description="mean class accuracy of the parsed segmentation (%)",
-                 paper="OFT Table 2 (S2I)", analogue_of=None),
-    "aAcc": dict(higher_is_better=True, description="pixel accuracy of the parsed segmentation (%)",
-                 paper="OFT Table 2 (S2I)", analogue_of=None),
-    "edge_IoU": dict(higher_is_better=True, description="IoU of re-detected vs input edges",
-                     paper="OFT Table 2 (C2I)", analogue_of=None),
-    "edge_F1": dict(higher_is_better=True, description="F1 of re-detected vs input edges",
-                    paper="OFT Table 2 (C2I)", analogue_of=None),
-    "keypoint_error": dict(higher_is_better=False, description="mean L2 (px) of parsed vs input object keypoints",
-                           paper=None, analogue_of="landmark error (OFT Table 2, L2F)"),
-    "fid": dict(higher_is_better=False, description="Fréchet distance of micro scene features (micro FID)",
-                paper=None, analogue_of="FID"),
+# The micro analogues of OFT Table 2's metrics: the same formulas, with the analytic parser as the segmenter and
+# the edge / keypoint detector, and the project's scene features in place of Inception for FID.
+METRICS = {
+    name: register_metric(name, MetricInfo(higher, description, None, analogue_of))
+    for name, higher, description, analogue_of in (
+        ("micro_mIoU", True, "mIoU (%) of the parser's segmentation of the generated image vs the input", "mIoU"),
+        ("micro_mAcc", True, "mean class accuracy (%) of the parser's segmentation vs the input", "mAcc"),
+        ("micro_aAcc", True, "pixel accuracy (%) of the parser's segmentation vs the input", "aAcc"),
+        ("micro_edge_IoU", True, "IoU of the parser's edges of the generated image vs the input edges", "edge_IoU"),
+        ("micro_edge_F1", True, "F1 of the parser's edges of the generated image vs the input edges", "edge_F1"),
+        ("micro_keypoint_error", False, "mean L2 (px) from input object keypoints to the parsed ones",
+         "landmark_error"),
+        ("micro_fid", False, "Fréchet distance of micro scene features (MicroFeatures)", "fid"),
+    )
 }
 
 
@@ -201,25 +205,28 @@ class MicroControllable:
 
     def score(self, unit, requests, images, drift_base, drift_adapted) -> Scores:
         arrays = [img.permute(1, 2, 0).numpy() for img in images]
+        parsed = [parse.parse(a) for a in arrays]
         rows = []
-        for i, (req, img, ex) in enumerate(zip(requests, arrays, self.test)):
-            p = parse.parse(img)
+        for i, (req, p, ex) in enumerate(zip(requests, parsed, self.test)):
             if self.name == "seg2img":
-                m = control_metrics.segmentation_scores(p.segmentation, ex["seg"], SEG_CLASSES)
+                m = control_metrics.segmentation_scores(torch.from_numpy(p.segmentation), torch.from_numpy(ex["seg"]),
+                                                        SEG_CLASSES)
             elif self.name == "canny2img":
-                m = control_metrics.edge_scores(p.edges, ex["edges"])
+                m = control_metrics.edge_scores(torch.from_numpy(p.edges)[None], torch.from_numpy(ex["edges"])[None])
             else:
                 m = {"keypoint_error": keypoint_error(p.keypoints, ex["points"])}
-            rows.append({"index": i, "prompt": req.prompt, "seed": req.seed, **m})
-        metrics = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0] if k not in ("index", "prompt", "seed")}
-        if self.name == "seg2img":  # dataset-level segmentation scores, as mmseg reports them
-            pred = np.stack([parse.parse(a).segmentation for a in arrays])
-            metrics = control_metrics.segmentation_scores(pred, np.stack([e["seg"] for e in self.test]),
-                                                          SEG_CLASSES)
-        real = np.stack([e["image"] for e in self.test])
-        metrics["fid"] = frechet(micro_features(real), micro_features(arrays))
+            rows.append({"index": i, "prompt": req.prompt, "seed": req.seed, **{f"micro_{k}": v for k, v in m.items()}})
+        if self.name == "seg2img":  # dataset-level, from one confusion matrix over all images (as mmseg reports)
+            m = control_metrics.segmentation_scores(torch.from_numpy(np.stack([p.segmentation for p in parsed])),
+                                                    torch.from_numpy(np.stack([e["seg"] for e in self.test])),
+                                                    SEG_CLASSES)
+            metrics = {f"micro_{k}": v for k, v in m.items()}
+        else:
+            metrics = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0] if k.startswith("micro_")}
+        real = torch.from_numpy(np.stack([e["image"] for e in self.test])).permute(0, 3, 1, 2).float() / 255
+        metrics["micro_fid"] = control_metrics.fid(real, images, MicroFeatures())
         return Scores({k: float(v) for k, v in metrics.items()}, rows,
-                      {k: METRIC_INFO[k] for k in metrics})
+                      {k: dataclasses.asdict(METRICS[k]) for k in metrics})
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()

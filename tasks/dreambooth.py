@@ -12,6 +12,7 @@ every evaluation prompt is sampled `images_per_prompt` times with fixed seeds an
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from pathlib import Path
@@ -90,13 +91,14 @@ class MicroDreamBooth:
         groups: dict[str, list[np.ndarray]] = {}
         for req, img in zip(requests, arrays):
             groups.setdefault(req.group, []).append(img)
-        metrics = {k: float(np.mean([r[k] for r in rows])) for k in ("subject_fidelity", "prompt_fidelity")}
+        metrics = {k: float(np.mean([r[k] for r in rows]))
+                   for k in ("micro_subject_fidelity", "micro_prompt_fidelity")}
         div = [micro_metrics.diversity(g) for g in groups.values() if len(g) > 1]
         if div:
-            metrics["diversity"] = float(np.mean(div))
+            metrics["micro_diversity"] = float(np.mean(div))
         if drift_base is not None and len(drift_base):
-            metrics["drift"] = micro_metrics.drift(_to_numpy(drift_base), _to_numpy(drift_adapted))
-        info = {k: v for k, v in micro_metrics.METRIC_INFO.items() if k in metrics}
+            metrics["micro_drift"] = micro_metrics.drift(_to_numpy(drift_base), _to_numpy(drift_adapted))
+        info = {k: dataclasses.asdict(micro_metrics.METRICS[k]) for k in metrics}
         return Scores(metrics, rows, info)
 
     def control_encoder(self, unet) -> None:
@@ -144,3 +146,138 @@ def read_prompts_and_classes(path: Path) -> tuple[dict[str, str], list[str], lis
         raise TaskError(f"task.root: {path} has no 'subject_name,class' table or no object prompts "
                         "(expected DreamBench's prompts_and_classes.txt)")
     return classes, object_prompts, live_prompts or object_prompts
+
+
+UNRELATED_PROMPTS = (  # drift: prompts with no subject in them, sampled with the adapter off and on
+    "a photo of a mountain lake at sunrise", "a bowl of fruit on a wooden table", "a city street at night",
+    "a red sports car on a highway", "a lighthouse on a rocky coast", "a cup of coffee next to a laptop",
+    "a field of sunflowers under a blue sky", "a snowy forest with a cabin",
+)
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """(3, size, size) in [0, 1]: centre square crop, then resize. An unreadable file is a TaskError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            side = min(im.size)
+            left, top = (im.width - side) // 2, (im.height - side) // 2
+            im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+            return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255
+    except (OSError, UnidentifiedImageError) as e:
+        raise TaskError(f"task.root: cannot read image {path}: {e}") from None
+
+
+class DreamBench:
+    """DreamBench (Ruiz et al., CVPR 2023) from `task.root`: dataset/<subject>/*.jpg + prompts_and_classes.txt.
+
+    Instance prompt "a photo of <token> <class>", prior prompt "a photo of <class>", the 25 prompts of the
+    subject's list (objects or live subjects), `images_per_prompt` images each. CLIP-T compares each image with its
+    prompt with the identifier removed ("a <class> in the jungle"), since the identifier means nothing to CLIP.
+    """
+
+    name = "dreambooth"
+    dataset = "dreambench"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        root = Path(cfg.root).expanduser()
+        data = root / "dataset" if (root / "dataset").is_dir() else root
+        listing = next((p for p in (data / "prompts_and_classes.txt", root / "prompts_and_classes.txt")
+                        if p.exists()), None)
+        if not root.is_dir() or listing is None:
+            raise TaskError(f"task.root: {root} is not a DreamBench folder (needs dataset/<subject>/*.jpg and "
+                            "prompts_and_classes.txt)")
+        classes, self.object_prompts, self.live_prompts = read_prompts_and_classes(listing)
+        names = list(cfg.subjects) if cfg.get("subjects") else [n for n in classes if (data / n).is_dir()]
+        unknown = [n for n in names if n not in classes or not (data / n).is_dir()]
+        if unknown:
+            raise TaskError(f"task.subjects: unknown subject {unknown[0]!r}; DreamBench subjects under {data}: "
+                            f"{', '.join(n for n in classes if (data / n).is_dir())}")
+        self.classes = {n: classes[n] for n in names}
+        self.files = {}
+        for n in names:
+            files = sorted(p for p in (data / n).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise TaskError(f"task.root: {data / n} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            self.files[n] = files
+        self.token = cfg.get("token", "sks")
+        self.size = int(cfg.resolution)
+        self._scorers = None
+
+    def units(self) -> list[str]:
+        return list(self.classes)
+
+    def real_images(self, unit: str) -> torch.Tensor:
+        return torch.stack([load_image(p, self.size) for p in self.files[unit]])
+
+    def _prompts(self, unit: str) -> list[str]:
+        cls = self.classes[unit]
+        templates = self.live_prompts if cls in LIVE_CLASSES else self.object_prompts
+        prompts = [t.format(self.token, cls) for t in templates]
+        return prompts[: self.cfg.prompts_per_subject] if self.cfg.get("prompts_per_subject") else prompts
+
+    def train_set(self, unit: str) -> TrainSet:
+        cls = self.classes[unit]
+        images = self.real_images(unit)
+        prior = f"a photo of {cls}" if self.cfg.prior_preservation else None
+        return TrainSet(images, [f"a photo of {self.token} {cls}"] * len(images), prior_prompt=prior)
+
+    def eval_requests(self, unit: str, seed: int) -> list[Request]:
+        return [Request(p, _request_seed(seed, i, k), group=p)
+                for i, p in enumerate(self._prompts(unit)) for k in range(self.cfg.images_per_prompt)]
+
+    def drift_requests(self, seed: int) -> list[Request]:
+        return [Request(p, _request_seed(seed, 9_000 + i, 0))
+                for i, p in enumerate(UNRELATED_PROMPTS[: self.cfg.drift_prompts])]
+
+    def control_encoder(self, unet) -> None:
+        return None
+
+    def scorers(self):
+        """DINO, CLIP and LPIPS backbones from `task.metrics`, loaded once (errors name the field)."""
+        if self._scorers is None:
+            from .metrics.dreambooth import ClipScorer, DinoScorer, LpipsScorer
+
+            m = self.cfg.metrics
+            self._scorers = (
+                DinoScorer(m.dino, field="task.metrics.dino"),
+                ClipScorer(m.clip_model, m.get("clip_pretrained"), field="task.metrics.clip"),
+                LpipsScorer(m.lpips, m.get("lpips_linear"), field="task.metrics.lpips") if m.get("lpips") else None,
+            )
+        return self._scorers
+
+    def score(self, unit, requests, images, drift_base, drift_adapted) -> Scores:
+        from .metrics import METRICS
+        from .metrics.dreambooth import drift
+
+        dino, clip, lpips = self.scorers()
+        real = self.real_images(unit)
+        texts = [r.prompt.replace(f"{self.token} ", "") for r in requests]
+        clip_t = clip.text_scores(images, texts)
+        dino_gen, dino_real = dino.embed(images), dino.embed(real)
+        clip_gen, clip_real = clip.embed(images), clip.embed(real)
+        rows = [{"subject": unit, "prompt": r.prompt, "seed": r.seed,
+                 "dino": float((dino_gen[i] @ dino_real.T).mean()), "clip_i": float((clip_gen[i] @ clip_real.T).mean()),
+                 "clip_t": float(clip_t[i])} for i, r in enumerate(requests)]
+        metrics = {k: float(np.mean([row[k] for row in rows])) for k in ("dino", "clip_i", "clip_t")}
+        if lpips is not None:
+            groups: dict[str, list[int]] = {}
+            for i, r in enumerate(requests):
+                groups.setdefault(r.group, []).append(i)
+            div = [lpips.diversity(images[idx]) for idx in groups.values() if len(idx) > 1]
+            if div:
+                metrics["lpips_diversity"] = float(np.mean(div))
+        if drift_base is not None and len(drift_base):
+            metrics["drift"] = drift(drift_base, drift_adapted, dino)
+        return Scores(metrics, rows, {k: dataclasses.asdict(METRICS[k]) for k in metrics})
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for files in self.files.values():
+            for p in files:
+                h.update(p.name.encode())
+                h.update(str(p.stat().st_size).encode())
+        return h.hexdigest()[:16]

@@ -123,9 +123,9 @@ def test_subject_fidelity_tells_the_subject_from_a_plain_shape():
     plain = world.render(world.Scene(prompt.background, (world.Obj(s.shape, s.main, "big", 2),)))
     wrong_place = subjects.render(s, "black", 2)
     sg, sp = micro_metrics.score_image(good, s, prompt), micro_metrics.score_image(plain, s, prompt)
-    assert sg["subject_fidelity"] == 1.0 and sg["prompt_fidelity"] == 1.0
-    assert sp["subject_fidelity"] < 0.8
-    assert micro_metrics.score_image(wrong_place, s, prompt)["prompt_fidelity"] == 0.0
+    assert sg["micro_subject_fidelity"] == 1.0 and sg["micro_prompt_fidelity"] == 1.0
+    assert sp["micro_subject_fidelity"] < 0.8
+    assert micro_metrics.score_image(wrong_place, s, prompt)["micro_prompt_fidelity"] == 0.0
 
 
 def test_diversity_and_drift():

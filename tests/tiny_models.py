@@ -50,3 +50,55 @@ def save_tiny_sd(path: Path, seed: int = 0) -> Path:
                   beta_end=0.012).save_pretrained(path / "scheduler")
     (path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return path
+
+
+def save_tiny_dino(path: Path) -> Path:
+    """A tiny random ViT in the facebook/dino-vits16 folder layout."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(1)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8), add_pooling_layer=False).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return Path(path)
+
+
+def save_tiny_clip(path: Path) -> Path:
+    """A tiny random open_clip model in open_clip's hub layout (open_clip_config.json + weights)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1}}
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tiny-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(path / "tiny-clip.json")
+    torch.manual_seed(2)
+    model = open_clip.create_model("tiny-clip")
+    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    save_file(model.state_dict(), path / "open_clip_model.safetensors")
+    return path
+
+
+def save_dreambench(root: Path, subjects=("dog", "backpack"), images: int = 3) -> Path:
+    """A DreamBench-layout folder: dataset/<subject>/*.jpg and dataset/prompts_and_classes.txt."""
+    from PIL import Image
+
+    data = Path(root) / "dataset"
+    gen = torch.Generator().manual_seed(3)
+    for s in subjects:
+        (data / s).mkdir(parents=True, exist_ok=True)
+        for i in range(images):
+            pixels = (torch.rand(40, 48, 3, generator=gen) * 255).byte().numpy()
+            Image.fromarray(pixels).save(data / s / f"{i:02d}.jpg")
+    (data / "prompts_and_classes.txt").write_text(
+        "Classes\n\nsubject_name,class\n" + "".join(f"{s},{s}\n" for s in subjects)
+        + "\nPrompts\n\nObject Prompts\n\nobject_prompts = [\n"
+        + "'a {0} {1} in the jungle'.format(unique_token, class_token),\n"
+        + "'a {0} {1} in the snow'.format(unique_token, class_token),\n"
+        + "'a red {0} {1}'.format(unique_token, class_token)\n]\n\nLive Subject Prompts\n\nlive_subject_prompts = [\n"
+        + "'a {0} {1} in the jungle'.format(unique_token, class_token),\n"
+        + "'a {0} {1} on the beach'.format(unique_token, class_token)\n]\n")
+    return Path(root)

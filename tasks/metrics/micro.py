@@ -3,6 +3,7 @@
 They are analogues, named as such in every report: the micro world has no DINO or CLIP, but because its images
 can be parsed exactly, the same questions get model-free answers.
 
+Registered as micro_* metrics:
 - subject_fidelity (analogue of DINO / CLIP-I): the best placement of the subject's pattern over the image
   (all grid cells, +-1 px, both sizes); score = fraction of pixels inside the pattern and on a one-pixel ring
   around it that carry the expected palette colour (pattern colours inside, the image's background on the ring).
@@ -21,6 +22,7 @@ import itertools
 import numpy as np
 from scipy import ndimage
 
+from tasks.metrics import MetricInfo, register_metric
 from tasks.micro import parse, subjects, world
 
 _PALETTE_INDEX = {name: i for i, name in enumerate(world.COLORS)}
@@ -77,7 +79,7 @@ def score_image(image: np.ndarray, subject: subjects.Subject, prompt: subjects.E
         asked.append(place.main_fraction > 0.5)
     if prompt.other is not None:
         asked.append(any(o.color == prompt.other.color and o.shape == prompt.other.shape for o in parsed.objects))
-    return {"subject_fidelity": place.score, "prompt_fidelity": float(np.mean(asked))}
+    return {"micro_subject_fidelity": place.score, "micro_prompt_fidelity": float(np.mean(asked))}
 
 
 def label_change(a: np.ndarray, b: np.ndarray) -> float:
@@ -95,13 +97,12 @@ def drift(base: list[np.ndarray], adapted: list[np.ndarray]) -> float:
     return float(np.mean([label_change(a, b) for a, b in zip(base, adapted)]))
 
 
-METRIC_INFO = {
-    "subject_fidelity": dict(higher_is_better=True, description="pattern match of the subject (micro parser)",
-                             paper=None, analogue_of="DINO"),
-    "prompt_fidelity": dict(higher_is_better=True, description="fraction of prompt attributes satisfied",
-                            paper=None, analogue_of="CLIP-T"),
-    "diversity": dict(higher_is_better=True, description="pixel-label change between images of a prompt",
-                      paper=None, analogue_of="LPIPS"),
-    "drift": dict(higher_is_better=False, description="pixel-label change on unrelated prompts, adapter on vs off",
-                  paper=None, analogue_of="drift"),
+METRICS = {
+    name: register_metric(name, MetricInfo(higher, description, None, analogue_of))
+    for name, higher, description, analogue_of in (
+        ("micro_subject_fidelity", True, "pattern match of the subject read by the micro parser", "dino"),
+        ("micro_prompt_fidelity", True, "fraction of the prompt's attributes the parser finds satisfied", "clip_t"),
+        ("micro_diversity", True, "palette-label change between images of one prompt", "lpips_diversity"),
+        ("micro_drift", False, "palette-label change on unrelated prompts, adapter on vs off", "drift"),
+    )
 }

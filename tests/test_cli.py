@@ -1,0 +1,58 @@
+"""The Hydra app's surface: help, composed config, and one-line errors with exit status 2."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+
+
+def bench(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, env=ENV,
+                          cwd=cwd, timeout=300)
+
+
+def test_help_lists_the_config_groups():
+    out = bench("--help")
+    assert out.returncode == 0
+    for group in ("method", "task", "model", "logger", "experiment"):
+        assert f"{group}:" in out.stdout
+
+
+def test_cfg_job_prints_the_composed_config():
+    out = bench("--cfg", "job", "method=oft", "task=dreambooth")
+    assert out.returncode == 0, out.stderr
+    assert "name: oft" in out.stdout and "name: dreambooth" in out.stdout and "name: micro" in out.stdout
+
+
+@pytest.mark.parametrize("args, field", [
+    (["method=foo"], "method"),
+    (["-m", "method=lora,foo"], "method"),
+    (["task=nope"], "task"),
+    (["model=sd99"], "model"),
+])
+def test_unknown_group_option_is_one_line_exit_2(args, field, tmp_path):
+    out = bench(*args, cwd=tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {field}: unknown option") and "available:" in lines[0]
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["method=oft", "method.hparams.block_size=7"], "block_size"),
+    (["method=lora", "method.hparams.rank=0"], "rank"),
+    (["task.subjects=[nosuch]"], "task.subjects"),
+    (["model.path=/does/not/exist"], "model.path"),
+    (["task.root=/does/not/exist"], "task.root"),
+])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(args, needle, tmp_path):
+    out = bench("experiment=smoke", *args, f"cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run",
+                cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and needle in last, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "run").exists()

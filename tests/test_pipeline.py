@@ -1,0 +1,112 @@
+"""End to end on the embedded micro model: sweeps, records, resume, failures, determinism, W&B offline."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "2"}
+
+
+def bench(*args, cwd, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True,
+                          env={**ENV, **(env or {})}, cwd=cwd, timeout=timeout)
+
+
+def records(root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(root.rglob("record.json"))]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("sweep")
+    out = bench("-m", "experiment=smoke", "method=lora,oft", f"cache_dir={cwd}/cache", cwd=cwd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return cwd, out
+
+
+def test_sweep_writes_one_record_per_method_and_subject(sweep):
+    cwd, out = sweep
+    recs = records(cwd / "multirun" / "smoke")
+    assert sorted((r["method"]["name"], r["task"]["subject"]) for r in recs) == [
+        ("lora", "bullseye"), ("lora", "checker"), ("oft", "bullseye"), ("oft", "checker")]
+    for r in recs:
+        assert r["run"]["status"] == "success", r["run"]["error"]
+        assert r["method"]["trainable_params"] > 0 and r["method"]["adapter_bytes"] > 0
+        assert set(r["metrics"]) >= {"micro_subject_fidelity", "micro_prompt_fidelity", "micro_diversity",
+                                     "micro_drift"}
+        assert r["metric_info"]["micro_subject_fidelity"]["analogue_of"] == "dino"
+        assert set(r["baseline"]["metrics"]) >= {"micro_subject_fidelity", "micro_prompt_fidelity"}
+        assert r["train"]["steps"] == 4 and r["train"]["peak_memory_mb"] > 0
+        run_dir = cwd / "multirun" / "smoke" / next(p for p in os.listdir(cwd / "multirun" / "smoke")
+                                                  if p.startswith(f"method={r['method']['name']}"))
+        assert (run_dir / r["task"]["subject"] / "metrics.csv").exists()
+        assert (run_dir / r["task"]["subject"] / "samples.png").exists()
+    assert "Leaderboard" in out.stdout and "lora" in out.stdout and "oft" in out.stdout
+    assert "before fine-tuning" in out.stdout
+
+
+def test_rerun_skips_finished_runs(sweep):
+    cwd, _ = sweep
+    before = {p: p.stat().st_mtime_ns for p in (cwd / "multirun").rglob("record.json")}
+    out = bench("-m", "experiment=smoke", "method=lora,oft", f"cache_dir={cwd}/cache", cwd=cwd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("already recorded") == 4
+    assert {p: p.stat().st_mtime_ns for p in (cwd / "multirun").rglob("record.json")} == before
+    assert "Leaderboard" in out.stdout
+
+
+def test_same_seed_same_metrics(sweep, tmp_path):
+    cwd, _ = sweep
+    out = bench("experiment=smoke", "method=lora", "task.subjects=[checker]", f"cache_dir={tmp_path}/cache",
+                f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    again = records(tmp_path / "run")[0]
+    first = next(r for r in records(cwd / "multirun") if r["method"]["name"] == "lora"
+                 and r["task"]["subject"] == "checker")
+    assert again["metrics"] == first["metrics"]
+    assert again["run"]["config_hash"] == first["run"]["config_hash"]
+
+
+def test_divergence_is_recorded_and_the_sweep_goes_on(tmp_path):
+    out = bench("-m", "experiment=smoke", "method=lora", "method.lr=1e30,1e-4", "task.subjects=[checker]",
+                f"cache_dir={tmp_path}/cache", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    by_lr = {r["method"]["lr"]: r for r in records(tmp_path / "multirun")}
+    assert by_lr[1e30]["run"]["status"] == "failed" and "Diverged" in by_lr[1e30]["run"]["error"]
+    assert by_lr[1e-4]["run"]["status"] == "success"
+    assert "failed" in out.stdout
+
+
+def test_kill_9_leaves_no_corrupt_record_and_resume_completes(tmp_path):
+    args = [sys.executable, "-m", "bench", "-m", "experiment=smoke", "method=lora", "task.steps=40",
+            f"cache_dir={tmp_path}/cache"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "multirun").rglob("record.json")):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for r in records(tmp_path / "multirun"):  # every record on disk parses
+        assert r["run"]["status"] in ("running", "success")
+    out = bench(*args[3:], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    recs = records(tmp_path / "multirun")
+    assert len(recs) == 2 and all(r["run"]["status"] == "success" for r in recs)
+    assert not list((tmp_path / "multirun").rglob("*.tmp"))
+
+
+def test_wandb_offline_logs_without_an_account(tmp_path):
+    out = bench("experiment=smoke", "method=lora", "task.subjects=[checker]", "logger=wandb",
+                f"cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path,
+                env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_API_KEY": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert records(tmp_path / "run")[0]["run"]["status"] == "success"
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
