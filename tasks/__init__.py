@@ -18,7 +18,7 @@ def _dreambooth(cfg) -> Task:
 def _controllable(cfg) -> Task:
     from . import controllable
 
-    return controllable.MicroControllable(cfg)
+    return controllable.RealControllable(cfg) if cfg.get("root") else controllable.MicroControllable(cfg)
 
 
 TASKS = {"dreambooth": _dreambooth, "seg2img": _controllable, "canny2img": _controllable,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -232,4 +233,183 @@ class MicroControllable:
         h = hashlib.sha256()
         for e in self.train + self.test:
             h.update(e["image"].tobytes())
+        return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real datasets: ADE20K (seg2img), COCO (canny2img), CelebA-HQ (landmark2img) read from task.root
+# ---------------------------------------------------------------------------------------------------------------
+ADE20K_CLASSES = 150  # annotation 0 = "other" (ignored), 1..150 the classes; SegFormer predicts 0..149
+IGNORE = 255
+
+
+def _palette(n: int) -> torch.Tensor:
+    """A fixed colour per class id for colour-coded segmentation control images (as ControlNet's seg inputs)."""
+    return torch.rand(n, 3, generator=torch.Generator().manual_seed(0))
+
+
+def _read_rgb(path: Path, size: int) -> torch.Tensor:
+    from .dreambooth import load_image
+
+    return load_image(path, size)
+
+
+def _read_labels(path: Path, image_path: Path, size: int) -> torch.Tensor:
+    """An ADE20K annotation PNG (one channel, ids 0..150) -> (size, size) long, nearest-resized like its image."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im, Image.open(image_path) as ref:
+            if im.mode not in ("L", "P", "I", "I;16"):
+                raise TaskError(f"task.root: {path}: a segmentation must have one channel (ids), got mode {im.mode}")
+            if im.size != ref.size:
+                raise TaskError(f"task.root: {path}: size {im.size} differs from its image {ref.size}")
+            side = min(im.size)
+            left, top = (im.width - side) // 2, (im.height - side) // 2
+            im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.NEAREST)
+            labels = torch.from_numpy(np.asarray(im).astype(np.int64).copy())
+    except OSError as e:
+        raise TaskError(f"task.root: cannot read segmentation {path}: {e}") from None
+    if labels.max() > ADE20K_CLASSES:
+        raise TaskError(f"task.root: {path}: class id {int(labels.max())} outside 0..{ADE20K_CLASSES} (ADE20K)")
+    return labels
+
+
+def _read_landmarks(path: Path, image_path: Path, size: int) -> torch.Tensor:
+    """68 'x y' lines in the original image's pixels -> (68, 2) (x, y) at the cropped, resized resolution."""
+    from PIL import Image
+
+    try:
+        points = torch.tensor(np.loadtxt(path, dtype=np.float32).reshape(-1, 2))
+    except (OSError, ValueError) as e:
+        raise TaskError(f"task.root: cannot read landmarks {path}: {e}") from None
+    if points.shape[0] != 68:
+        raise TaskError(f"task.root: {path}: expected 68 landmarks, got {points.shape[0]}")
+    with Image.open(image_path) as ref:
+        w, h = ref.size
+    side = min(w, h)
+    return (points - torch.tensor([(w - side) / 2, (h - side) / 2])) * (size / side)
+
+
+def _landmark_image(points: torch.Tensor, size: int) -> torch.Tensor:
+    img = torch.zeros(1, size, size)
+    xy = points.round().long().clamp(0, size - 1)
+    img[0, xy[:, 1], xy[:, 0]] = 1.0
+    return img
+
+
+class RealControllable:
+    """ADE20K / COCO / CelebA-HQ folders under `task.root`, split into train/test by `task.split_seed`.
+
+    Layouts: `images/**/*.jpg` (all tasks); seg2img: `annotations/**/<stem>.png`; landmark2img:
+    `landmarks/<stem>.txt` (68 "x y" lines); canny2img: edges by `tasks.metrics.control.canny` (100/200).
+    Captions: COCO's `annotations/captions_*.json`, or `captions.json` ({file name: caption}); none -> "".
+    """
+
+    dataset = "real"
+
+    def __init__(self, cfg):
+        self.cfg, self.name = cfg, cfg.name
+        self.dataset = {"seg2img": "ade20k", "canny2img": "coco", "landmark2img": "celebahq"}[cfg.name]
+        root = Path(cfg.root).expanduser()
+        images = sorted(p for p in (root / "images").rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        if not root.is_dir() or not images:
+            raise TaskError(f"task.root: {root} has no images/ folder with .jpg/.png files ({self.dataset} layout)")
+        self.root, self.size = root, int(cfg.resolution)
+        self.captions = self._captions(root)
+        order = np.random.default_rng(cfg.split_seed).permutation(len(images))
+        self.test_files = [images[i] for i in order[: cfg.test_size]]
+        self.train_files = [images[i] for i in order[cfg.test_size : cfg.test_size + cfg.train_size]]
+        for f in self.test_files + self.train_files:  # a missing annotation is an error before any work
+            self._annotation(f)
+        self._cache: dict[Path, tuple] = {}
+
+    @staticmethod
+    def _captions(root: Path) -> dict[str, str]:
+        captions = {}
+        for f in sorted((root / "annotations").glob("captions_*.json")):  # COCO: the first caption per image
+            data = json.loads(f.read_text())
+            names = {im["id"]: im["file_name"] for im in data["images"]}
+            for ann in data["annotations"]:
+                captions.setdefault(names[ann["image_id"]], ann["caption"].strip())
+        if (root / "captions.json").exists():
+            captions.update(json.loads((root / "captions.json").read_text()))
+        return captions
+
+    def _annotation(self, image: Path) -> Path | None:
+        kind = {"seg2img": ("annotations", ".png"), "landmark2img": ("landmarks", ".txt")}.get(self.name)
+        if kind is None:
+            return None
+        rel = image.relative_to(self.root / "images").with_suffix(kind[1])
+        path = self.root / kind[0] / rel
+        if not path.exists():
+            raise TaskError(f"task.root: no {kind[0][:-1]} for {image} (expected {path})")
+        return path
+
+    def _example(self, image: Path):
+        """(image, control image, target) for one file; target = label map / edge map / landmarks."""
+        if image not in self._cache:
+            from .metrics import control as cm
+
+            rgb = _read_rgb(image, self.size)
+            if self.name == "seg2img":
+                labels = _read_labels(self._annotation(image), image, self.size)
+                control = _palette(ADE20K_CLASSES + 1)[labels].permute(2, 0, 1)
+                target = torch.where(labels == 0, IGNORE, labels - 1)  # SegFormer's 0..149, "other" ignored
+            elif self.name == "canny2img":
+                target = cm.canny(rgb[None])[0]
+                control = target.float()[None]
+            else:
+                target = _read_landmarks(self._annotation(image), image, self.size)
+                control = _landmark_image(target, self.size)
+            self._cache[image] = (rgb, control, target)
+        return self._cache[image]
+
+    def units(self) -> list[str]:
+        return ["all"]
+
+    def train_set(self, unit: str) -> TrainSet:
+        examples = [self._example(f) for f in self.train_files]
+        return TrainSet(torch.stack([e[0] for e in examples]), [self.captions.get(f.name, "") for f in self.train_files],
+                        control=torch.stack([e[1] for e in examples]))
+
+    def eval_requests(self, unit: str, seed: int) -> list[Request]:
+        return [Request(self.captions.get(f.name, ""), seed * 1_000_003 + i, group=str(i), control=self._example(f)[1])
+                for i, f in enumerate(self.test_files)]
+
+    def drift_requests(self, seed: int) -> list[Request]:
+        return []
+
+    def control_encoder(self, unet) -> ControlEncoder:
+        c = self._example(self.test_files[0])[1].shape[0]
+        return ControlEncoder(c, unet.conv_in.out_channels, downsample=self.size // unet.config.sample_size)
+
+    def score(self, unit, requests, images, drift_base, drift_adapted) -> Scores:
+        from .metrics import METRICS
+        from .metrics import control as cm
+
+        m = self.cfg.metrics
+        targets = [self._example(f)[2] for f in self.test_files]
+        if self.name == "seg2img":
+            if not m.get("segformer"):
+                raise TaskError("task.metrics.segformer: seg2img on real data needs a SegFormer folder (ADE20K)")
+            pred = cm.SegformerSegmenter(m.segformer, field="task.metrics.segformer")(images)
+            metrics = cm.segmentation_scores(pred, torch.stack(targets), ADE20K_CLASSES, ignore_index=IGNORE)
+        elif self.name == "canny2img":
+            metrics = cm.edge_scores(cm.canny(images), torch.stack(targets))
+        elif m.get("landmarks"):  # a TorchScript detector: images -> (N, 68, 2)
+            metrics = cm.landmark_scores(images, torch.stack(targets), torch.jit.load(m.landmarks))
+        else:
+            metrics = {}  # no landmark detector ships with peftbench: the error is absent, not invented
+        if m.get("inception"):
+            real = torch.stack([self._example(f)[0] for f in self.test_files])
+            metrics["fid"] = cm.fid(real, images, cm.InceptionFeatures(m.inception, field="task.metrics.inception"))
+        rows = [{"index": i, "prompt": r.prompt, "seed": r.seed} for i, r in enumerate(requests)]
+        return Scores({k: float(v) for k, v in metrics.items()}, rows,
+                      {k: dataclasses.asdict(METRICS[k]) for k in metrics})
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for f in self.train_files + self.test_files:
+            h.update(str(f.relative_to(self.root)).encode())
         return h.hexdigest()[:16]
