@@ -1,0 +1,53 @@
+"""LoRA — Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022.
+
+    W' = W + (α / r) · B A,    A ∈ R^{r×d_in} (Kaiming-uniform), B ∈ R^{d_out×r} (zeros, so W' = W at init)
+
+Trainable per layer: r (d_in + d_out). On a Conv2d, A is a convolution with the layer's kernel (its flattened
+kernel is the r × c_in·k·k matrix A) and B a 1×1 convolution, so B·A is the low-rank update of the flattened kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from methods.base import Adapter, LayerShape, narrow, positive_int
+from methods.registry import fail, register
+
+
+@register("lora")
+class LoRA(Adapter):
+    defaults = {"rank": 4, "alpha": None}  # alpha None: α = r
+    sized_by = ("rank",)
+
+    def __init__(self, layer, shape, hp, variant=None):
+        super().__init__(layer, shape, hp, variant)
+        self.A = nn.Parameter(torch.empty(hp["rank"], shape.d_in, device=layer.weight.device))
+        self.B = nn.Parameter(torch.zeros(shape.d_out, hp["rank"], device=layer.weight.device))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.scale = hp["alpha"] / hp["rank"]
+        self.token_cost = narrow(shape.d_in + shape.d_out, hp["rank"])
+
+    @classmethod
+    def resolve(cls, shape: LayerShape, hp: dict) -> dict:
+        rank = positive_int("rank", hp["rank"], shape)
+        alpha = rank if hp["alpha"] is None else hp["alpha"]
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+            raise fail("alpha", alpha, "must be a positive number", shape.name, "numbers > 0, or null for α = rank")
+        return {**hp, "rank": rank, "alpha": alpha}
+
+    @classmethod
+    def count(cls, shape: LayerShape, hp: dict, variant: str | None = None) -> int:
+        return hp["rank"] * (shape.d_in + shape.d_out)
+
+    @classmethod
+    def budget_options(cls, shapes: list[LayerShape], hp: dict) -> list[dict]:
+        return [{"rank": r} for r in range(1, max(min(s.d_in, s.d_out) for s in shapes) + 1)]
+
+    def adapted_weight(self) -> torch.Tensor:
+        return self.frozen_weight() + self.scale * (self.B @ self.A)
+
+    def forward_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.scale * self.low_rank(x, self.A, self.B)

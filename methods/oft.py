@@ -1,0 +1,85 @@
+"""OFT / COFT — Qiu et al., "Controlling Text-to-Image Diffusion by Orthogonal Finetuning", NeurIPS 2023.
+
+    W' = W Rᵀ,   R = blockdiag(R_1, …, R_r),   R_i = Cayley(Q_i) = (I − Q_i)(I + Q_i)⁻¹,   Q_i skew b×b
+
+acting on the input side (b = d_in / r must divide d_in; on a Conv2d d_in = c_in·k·k). Each Q_i is stored as its
+strict upper triangle, so trainable = stored = d_in (b − 1) / 2. Q = 0 gives R = I. `cayley: neumann` replaces
+the inverse by `neumann_terms` terms of its Neumann series (cheaper, approximately orthogonal).
+COFT (`coft: true`) keeps the rotation near the identity: after every optimiser step each Q_i is projected into
+the Frobenius ball ‖Q_i‖ ≤ ε/√r, so ‖Q‖ ≤ ε for the whole block-diagonal Q (the form Hugging Face peft uses).
+
+The forward pass rotates the input activations blockwise (x R, by reshaping) when the cost estimate of
+`Adapter._input_side` says that is cheaper than rebuilding W Rᵀ; a Conv2d always rebuilds W Rᵀ.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from methods.base import (
+    Adapter,
+    LayerShape,
+    block_options,
+    block_size_of,
+    cayley,
+    narrow,
+    positive_int,
+    rotate_blocks,
+    skew,
+)
+from methods.registry import fail, register
+
+
+@register("oft")
+class OFT(Adapter):
+    defaults = {"blocks": 4, "block_size": None, "coft": False, "eps": 6e-5, "cayley": "exact", "neumann_terms": 5}
+    sized_by = ("blocks", "block_size")
+
+    def __init__(self, layer, shape, hp, variant=None):
+        super().__init__(layer, shape, hp, variant)
+        b = hp["block_size"]
+        self.Q = nn.Parameter(torch.zeros(shape.d_in // b, b * (b - 1) // 2, device=layer.weight.device))
+        if shape.kind == "linear":
+            self.token_cost = narrow(shape.d_in, b)
+
+    @classmethod
+    def resolve(cls, shape: LayerShape, hp: dict) -> dict:
+        b = block_size_of(hp, shape)
+        if hp["cayley"] not in ("exact", "neumann"):
+            raise fail("cayley", hp["cayley"], "is not a Cayley form", shape.name, ["exact", "neumann"])
+        positive_int("neumann_terms", hp["neumann_terms"], shape)
+        if not isinstance(hp["coft"], bool):
+            raise fail("coft", hp["coft"], "must be a boolean", shape.name, "true, false")
+        if isinstance(hp["eps"], bool) or not isinstance(hp["eps"], (int, float)) or hp["eps"] <= 0:
+            raise fail("eps", hp["eps"], "must be a positive number", shape.name, "numbers > 0")
+        return {**hp, "block_size": b, "blocks": shape.d_in // b}
+
+    @classmethod
+    def count(cls, shape: LayerShape, hp: dict, variant: str | None = None) -> int:
+        return shape.d_in * (hp["block_size"] - 1) // 2
+
+    @classmethod
+    def budget_options(cls, shapes: list[LayerShape], hp: dict) -> list[dict]:
+        return block_options(shapes)
+
+    def rotation(self) -> torch.Tensor:
+        """The blocks R_i, shape (r, b, b)."""
+        terms = self.hparams["neumann_terms"] if self.hparams["cayley"] == "neumann" else None
+        return cayley(skew(self.Q, self.hparams["block_size"]), terms)
+
+    def adapted_weight(self) -> torch.Tensor:
+        return rotate_blocks(self.frozen_weight(), self.rotation(), transpose=True)
+
+    def forward_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(rotate_blocks(x, self.rotation()))
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        if self.hparams["coft"]:
+            # ‖Q_i‖_F = √2 ‖upper triangle‖; radius ε/√r per block
+            radius = self.hparams["eps"] / math.sqrt(self.Q.shape[0]) / math.sqrt(2)
+            norms = self.Q.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            self.Q.mul_((radius / norms).clamp(max=1.0))

@@ -1,0 +1,113 @@
+"""The same LoRA, DoRA, OFT and BOFT through Hugging Face peft: parity tests, the performance baseline, and
+export to peft's adapter format. The only module of `methods` that imports peft.
+
+Hyper-parameters map one to one (rank → r, alpha → lora_alpha, blocks → r / block_size → oft_block_size,
+factors → boft_n_butterfly_factor) and parameters are copied across:
+
+- OFT stores the same strict upper triangles. peft's Cayley–Neumann series approximates the Cayley map of −Q with
+  `num_cayley_neumann_terms` − 1 terms, so `cayley: neumann` copies −Q and asks for `neumann_terms` + 1 (≥ 4).
+- BOFT: peft stores full b×b matrices and takes their skew part, and has a per-output scale `boft_s` that the
+  project's BOFT (DESIGN §2) does not; it is exported as ones. Without its CUDA extension peft runs BOFT with
+  one butterfly factor only, so `to_peft` refuses m > 1 there; `export` writes any m.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from peft import (
+    BOFTConfig,
+    LoraConfig,
+    OFTConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
+from torch import nn
+
+import methods
+from methods.base import skew
+from methods.registry import MethodError, fail
+
+METHODS = ("lora", "dora", "oft", "boft")
+
+
+def peft_config(info: dict):
+    """peft's config for an attach summary (`methods.summary(model)`): same method, hyper-parameters, layers."""
+    name, hp, targets = info["method"], info["hparams"], list(info["layers"])
+    if name in ("lora", "dora"):
+        return LoraConfig(r=hp["rank"], lora_alpha=hp["alpha"], target_modules=targets, lora_dropout=0.0,
+                          bias="none", use_dora=name == "dora")
+    if name == "oft":
+        neumann = hp["cayley"] == "neumann"
+        if neumann and hp["neumann_terms"] < 3:
+            raise fail("neumann_terms", hp["neumann_terms"], "has no peft counterpart", "", "integers >= 3")
+        return OFTConfig(r=hp["blocks"] or 0, oft_block_size=hp["block_size"] or 0, target_modules=targets,
+                         coft=hp["coft"], eps=hp["eps"], module_dropout=0.0, use_cayley_neumann=neumann,
+                         num_cayley_neumann_terms=hp["neumann_terms"] + 1)
+    if name == "boft":
+        return BOFTConfig(boft_block_size=hp["block_size"], boft_block_num=0,
+                          boft_n_butterfly_factor=hp["factors"], target_modules=targets, boft_dropout=0.0,
+                          bias="none")
+    raise fail("name", name, "has no peft reference", "", METHODS)
+
+
+def peft_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The attached adapters' parameters as peft's adapter state dict (peft's key names and shapes)."""
+    info = methods.summary(model)
+    out = {}
+    for n, a in methods.adapters(model):
+        key, conv = f"base_model.model.{n}.", a.shape.kind == "conv2d"
+        if info["method"] in ("lora", "dora"):
+            out[key + "lora_A.weight"] = a.A.reshape(a.A.shape[0], *a.shape.weight_shape[1:]) if conv else a.A
+            out[key + "lora_B.weight"] = a.B[:, :, None, None] if conv else a.B
+            if info["method"] == "dora":
+                out[key + "lora_magnitude_vector"] = a.m.reshape(1, -1, 1, 1) if conv else a.m
+        elif info["method"] == "oft":
+            out[key + "oft_R.weight"] = -a.Q if a.hparams["cayley"] == "neumann" else a.Q
+        elif info["method"] == "boft":
+            out[key + "boft_R"] = skew(a.Q, a.hparams["block_size"])
+            out[key + "boft_s"] = torch.ones((1, a.shape.d_out) if conv else (a.shape.d_out, 1), device=a.Q.device)
+        else:
+            raise fail("name", info["method"], "has no peft reference", "", METHODS)
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def to_peft(model: nn.Module) -> PeftModel:
+    """A peft model on a copy of `model`'s frozen layers with the attached adapters' parameters copied in."""
+    info = methods.summary(model)
+    state = peft_state(model)
+    twin = methods.detach(copy.deepcopy(model))
+    peft_model = get_peft_model(twin, peft_config(info))
+    theirs = get_peft_model_state_dict(peft_model)
+    for key, tensor in state.items():
+        if key not in theirs or theirs[key].shape != tensor.shape:
+            got = tuple(theirs[key].shape) if key in theirs else "no such tensor"
+            raise MethodError(f"reference: peft built {key} as {got}, ours is {tuple(tensor.shape)}"
+                              + (" (peft runs one butterfly factor without its CUDA extension)"
+                                 if info["method"] == "boft" else ""))
+    result = set_peft_model_state_dict(peft_model, state)
+    if result.unexpected_keys:
+        raise MethodError(f"reference: peft did not take {result.unexpected_keys[:3]}")
+    return peft_model
+
+
+def attach(model: nn.Module, name: str, target_modules=None, budget: int | None = None, **hparams) -> PeftModel:
+    """The performance baseline: `name` through peft on `model`, resolved exactly as `methods.attach` would."""
+    info = methods.attach(model, name, target_modules, budget, **hparams)
+    methods.detach(model)
+    return get_peft_model(model, peft_config(info))
+
+
+def export(model: nn.Module, path) -> Path:
+    """Write the attached LoRA/DoRA/OFT/BOFT in peft's adapter format (adapter_config.json +
+    adapter_model.safetensors), loadable with `peft.PeftModel.from_pretrained(base_model, path)`."""
+    path = Path(path)
+    peft_config(methods.summary(model)).save_pretrained(str(path))
+    safetensors.torch.save_file({k: v.cpu() for k, v in peft_state(model).items()},
+                                str(path / "adapter_model.safetensors"))
+    return path

@@ -1,0 +1,61 @@
+"""SVD scaling (SVDiff's spectral shift) — Han et al., "SVDiff: Compact Parameter Space for Diffusion
+Fine-Tuning", ICCV 2023.
+
+    W = U diag(σ) Vᵀ  (one thin SVD of the frozen weight, at attach time),   W' = U diag(ReLU(σ + δ)) Vᵀ
+
+computed as W' = W + U diag(ReLU(σ + δ) − σ) Vᵀ, which is exactly W at δ = 0 (σ ≥ 0). Trainable:
+min(d_in, d_out) shifts δ; on a Conv2d the SVD is of the flattened kernel. U, σ, V are recomputed from the frozen
+weight when an adapter is attached or loaded (deterministic), never stored in the adapter file.
+The forward pass adds the rank-k path (x V diag(·) Uᵀ) when cheaper than rebuilding W'.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from methods.base import Adapter, LayerShape, narrow
+from methods.registry import register
+
+
+class SpectralShift(Adapter):
+    """W + U diag(ReLU(σ + δ) − σ) Vᵀ: the SVD buffers and the shift δ, shared by SVD scaling and SODA."""
+
+    def __init__(self, layer, shape, hp, variant=None):
+        super().__init__(layer, shape, hp, variant)
+        w = layer.weight.detach().reshape(shape.d_out, shape.d_in).float()
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        self.register_buffer("U", u, persistent=False)
+        self.register_buffer("S", s, persistent=False)
+        self.register_buffer("Vh", vh, persistent=False)
+        self.delta = nn.Parameter(torch.zeros_like(s))
+        self.token_cost = narrow(shape.d_in + shape.d_out, s.numel())
+
+    def shift(self) -> torch.Tensor:
+        """ReLU(σ + δ) − σ, zero at init."""
+        return torch.relu(self.S + self.delta) - self.S
+
+    def shifted(self, w: torch.Tensor) -> torch.Tensor:
+        return w + (self.U * self.shift()) @ self.Vh
+
+    def shifted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.low_rank(x, self.shift()[:, None] * self.Vh, self.U)
+
+
+@register("svd_scaling")
+class SVDScaling(SpectralShift):
+    defaults = {}
+
+    @classmethod
+    def resolve(cls, shape: LayerShape, hp: dict) -> dict:
+        return dict(hp)
+
+    @classmethod
+    def count(cls, shape: LayerShape, hp: dict, variant: str | None = None) -> int:
+        return min(shape.d_in, shape.d_out)
+
+    def adapted_weight(self) -> torch.Tensor:
+        return self.shifted(self.frozen_weight())
+
+    def forward_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shifted_forward(x)

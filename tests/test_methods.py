@@ -1,0 +1,335 @@
+"""Layer-level properties of every method: identity at init, merged == unmerged, parameter counts, orthogonality,
+norm preservation, gradients, the butterfly and Kronecker constructions, and hyper-parameter errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import methods
+from methods.base import cayley, skew
+from methods.boft import butterfly_permutation
+from methods.soda import default_factors, kron_apply
+
+
+# (layer factory, input factory); d_in ≠ d_out both ways, and a Conv2d whose flattened kernel has d_in = 8·3·3 = 72
+LAYERS = {
+    "linear16": (lambda: nn.Linear(16, 16, bias=False), lambda: torch.randn(2, 7, 16)),
+    "linear24to40": (lambda: nn.Linear(24, 40), lambda: torch.randn(2, 7, 24)),
+    "linear32to8": (lambda: nn.Linear(32, 8, bias=False), lambda: torch.randn(3, 32)),
+    "conv8to6k3": (lambda: nn.Conv2d(8, 6, 3, padding=1), lambda: torch.randn(2, 8, 5, 5)),
+}
+HPARAMS = {
+    "lora": {"rank": 3, "alpha": 6},
+    "dora": {"rank": 3},
+    "oft": {"blocks": 4},
+    "coft": {"blocks": 4, "coft": True, "eps": 1e-2},
+    "oft_neumann": {"block_size": 4, "cayley": "neumann", "neumann_terms": 6},
+    "boft": {"block_size": 4, "factors": 2},
+    "svd_scaling": {},
+    "soda": {},
+    "mobius": {"blocks": 4},
+}
+METHOD = {"coft": "oft", "oft_neumann": "oft"}
+SODA_FACTORS = {16: [2, 2, 4], 24: [2, 3, 4], 32: [2, 4, 4], 72: [3, 4, 6]}  # least Σk² triples
+
+
+def expected_count(case: str, d_out: int, d_in: int) -> int:
+    """DESIGN §2's table, written out independently of the implementation."""
+    hp = HPARAMS[case]
+    method = METHOD.get(case, case)
+    if method == "lora":
+        return hp["rank"] * (d_in + d_out)
+    if method == "dora":
+        return hp["rank"] * (d_in + d_out) + d_out
+    b = hp.get("block_size") or d_in // hp.get("blocks", 1)
+    if method == "oft":
+        return d_in * (b - 1) // 2
+    if method == "boft":
+        return hp["factors"] * d_in * (b - 1) // 2
+    if method == "svd_scaling":
+        return min(d_in, d_out)
+    if method == "soda":
+        return min(d_in, d_out) + sum(k * k for k in SODA_FACTORS[d_in])
+    if method == "mobius":
+        return d_in * (b - 1) // 2 + d_in
+    raise AssertionError(case)
+
+
+def make(case: str, layer_key: str, seed: int = 0):
+    torch.manual_seed(seed)
+    layer_fn, x_fn = LAYERS[layer_key]
+    layer = layer_fn()
+    adapter = methods.create(METHOD.get(case, case), layer, layer_name=layer_key, **HPARAMS[case])
+    return layer, adapter, x_fn()
+
+
+def frozen_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The plain layer's operation with another weight (independent of the adapter's code)."""
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight, layer.bias)
+    return F.conv2d(x, weight, layer.bias, layer.stride, layer.padding)
+
+
+@torch.no_grad()
+def perturb(adapter: methods.Adapter, scale: float = 0.3) -> None:
+    for p in adapter.adapter_state().values():
+        if hasattr(p, "manifold"):  # Stiefel factor: a random orthogonal matrix
+            p.copy_(torch.linalg.qr(torch.randn_like(p))[0])
+        else:
+            p.add_(scale * torch.randn_like(p))
+
+
+CASES = [(c, k) for c in HPARAMS for k in LAYERS]
+
+
+@pytest.mark.parametrize("case,layer_key", CASES)
+def test_identity_at_init(case, layer_key):
+    layer, adapter, x = make(case, layer_key)
+    y0 = layer(x)
+    for side in ("input", "weight"):
+        adapter.side = side
+        assert (adapter(x) - y0).abs().max() <= 1e-5, side
+    assert (adapter.merged_weight() - layer.weight).abs().max() <= 1e-5
+    adapter.eval()
+    with torch.no_grad():
+        assert (adapter(x) - y0).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("case,layer_key", CASES)
+def test_merged_equals_unmerged_after_perturbation(case, layer_key):
+    layer, adapter, x = make(case, layer_key)
+    perturb(adapter)
+    merged = adapter.merged_weight().detach()
+    assert merged.shape == layer.weight.shape
+    y_merged = frozen_forward(layer, x, merged)
+    assert (y_merged - layer(x)).abs().max() > 1e-3  # the perturbation changed the layer
+    for side in ("input", "weight", "auto"):
+        adapter.side = side
+        assert (adapter(x) - y_merged).abs().max() <= 1e-5, side
+    adapter.eval()
+    with torch.no_grad():
+        assert (adapter(x) - y_merged).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("case,layer_key", CASES)
+def test_trainable_count_is_the_formula(case, layer_key):
+    layer, adapter, _ = make(case, layer_key)
+    d_out, d_in = layer.weight.shape[0], layer.weight[0].numel()
+    expected = expected_count(case, d_out, d_in)
+    assert adapter.trainable_params == expected
+    own = [p for n, p in adapter.named_parameters() if not n.startswith("base.")]
+    assert adapter.stored_params == sum(p.numel() for p in own) == expected  # every method stores its count
+
+
+@pytest.mark.parametrize("case,layer_key", CASES)
+def test_gradients_reach_only_adapter_parameters(case, layer_key):
+    layer, adapter, x = make(case, layer_key)
+    perturb(adapter)
+    for side in ("input", "weight"):
+        adapter.zero_grad(set_to_none=True)
+        adapter.side = side
+        adapter(x).square().sum().backward()
+        assert all(p.grad is None for p in layer.parameters())
+        for name, p in adapter.adapter_state().items():
+            assert p.grad is not None and p.grad.abs().sum() > 0, (side, name)
+
+
+def test_eval_cache_is_reused_and_invalidated():
+    layer, adapter, x = make("oft", "linear24to40")
+    adapter.eval()
+    with torch.no_grad():
+        w1 = adapter.merged_weight()
+        assert adapter.merged_weight() is w1  # cached
+        y1 = adapter(x)
+        adapter.Q.add_(0.1)  # an in-place change (as an optimiser step) invalidates the cache
+        y2 = adapter(x)
+        assert adapter.merged_weight() is not w1
+        assert (y2 - y1).abs().max() > 1e-4
+        assert (y2 - frozen_forward(layer, x, adapter.adapted_weight())).abs().max() <= 1e-5
+    adapter.train()
+    assert adapter._cache is None
+    adapter.eval()
+    y3 = adapter(x)  # grad enabled and parameters trainable: no cache, gradients flow
+    assert y3.requires_grad and adapter._cache is None
+
+
+@pytest.mark.parametrize("layer_key", LAYERS)
+def test_rotations_stay_orthogonal_after_optimiser_steps(layer_key):
+    for case in ("oft", "boft", "soda", "coft"):
+        layer, adapter, x = make(case, layer_key)
+        opt = methods.optimizer(adapter, lr=0.05)
+        for _ in range(5):
+            opt.zero_grad(set_to_none=True)
+            (adapter(x) - 1).square().mean().backward()
+            opt.step()
+        eye = torch.eye(adapter.shape.d_in)
+        if case in ("oft", "coft"):
+            r = adapter.rotation()
+            assert (r @ r.mT - torch.eye(r.shape[-1])).abs().max() <= 1e-5
+            assert adapter.Q.abs().max() > 0
+        if case == "coft":  # every block inside ε/√r, so ‖Q‖_F ≤ ε, and the constraint is active
+            q = skew(adapter.Q, adapter.hparams["block_size"])
+            block_norms = q.flatten(1).norm(dim=1)
+            radius = HPARAMS["coft"]["eps"] / math.sqrt(q.shape[0])
+            assert block_norms.max() <= radius * (1 + 1e-5)
+            assert block_norms.max() >= radius * (1 - 1e-3)
+            assert q.flatten().norm() <= HPARAMS["coft"]["eps"] * (1 + 1e-5)
+        if case == "boft":
+            dense = adapter.butterfly(eye)
+            assert (dense @ dense.T - eye).abs().max() <= 1e-5
+            assert adapter.Q.abs().max() > 0
+        if case == "soda":
+            for k in adapter.K:
+                assert (k @ k.T - torch.eye(k.shape[0])).abs().max() <= 1e-5
+            dense = kron_apply(eye, list(adapter.K))
+            assert (dense @ dense.T - eye).abs().max() <= 1e-5
+            assert max((k - torch.eye(k.shape[0])).abs().max() for k in adapter.K) > 1e-3
+            assert adapter.delta.abs().max() > 0
+
+
+@pytest.mark.parametrize("layer_key", LAYERS)
+def test_mobius_keeps_every_block_norm_and_contains_oft(layer_key):
+    layer, adapter, _ = make("mobius", layer_key)
+    perturb(adapter, scale=1.0)
+    n, b = adapter.hparams["blocks"], adapter.hparams["block_size"]
+    w = layer.weight.detach().reshape(layer.weight.shape[0], n, b)
+    w_new = adapter.merged_weight().detach().reshape(w.shape)
+    assert (w_new.norm(dim=-1) - w.norm(dim=-1)).abs().max() <= 1e-5
+    # the boost changes angles between neurons (unlike a rotation): cosines within a block are not kept
+    cos = lambda t: F.normalize(t[:, 0], dim=-1) @ F.normalize(t[:, 0], dim=-1).T  # noqa: E731
+    assert (cos(w_new) - cos(w)).abs().max() > 1e-3
+    # with the boost at zero it is exactly OFT with the same Q
+    with torch.no_grad():
+        adapter.boost.v.zero_()
+    oft = methods.create("oft", layer, block_size=b)
+    with torch.no_grad():
+        oft.Q.copy_(adapter.Q)
+    assert (adapter.merged_weight() - oft.merged_weight()).abs().max() <= 1e-5
+
+
+def test_conformal_boost_maps_the_sphere_onto_itself():
+    boost = methods.mobius.ConformalBoost(3, 5)
+    with torch.no_grad():
+        boost.v.copy_(torch.randn(3, 5) * 3)  # large v: ‖a‖ close to 1, still inside the ball
+    u = F.normalize(torch.randn(100, 3, 5), dim=-1)
+    assert (boost(u).norm(dim=-1) - 1).abs().max() <= 1e-5
+
+
+def test_cayley_exact_and_neumann():
+    torch.manual_seed(0)
+    q = skew(0.05 * torch.randn(6, 10), 5)
+    r = cayley(q)
+    assert (r @ r.mT - torch.eye(5)).abs().max() <= 1e-6
+    dense = (torch.eye(5) - q) @ torch.linalg.inv(torch.eye(5) + q)  # the definition, for the test only
+    assert (r - dense).abs().max() <= 1e-6
+    errors = [(cayley(q, n) - r).abs().max().item() for n in (1, 2, 4, 16)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] <= 1e-6
+    assert torch.equal(cayley(torch.zeros(2, 4, 4)), torch.eye(4).expand(2, 4, 4))
+
+
+def peft_dense_butterfly(rotations: torch.Tensor, d: int, b: int) -> torch.Tensor:
+    """BOFT's dense construction, with peft's own permutation: R = Π_i P_i blockdiag(R_i) P_iᵀ (last factor left)."""
+    from peft.tuners.boft.layer import BOFTLayer
+
+    m = rotations.shape[0]
+    out = torch.eye(d)
+    for i in range(m):
+        perm = BOFTLayer.block_butterfly_perm(None, d, (d // b) // 2**i, b // 2, m - 1)
+        p = BOFTLayer.perm2mat(None, perm)
+        out = p @ torch.block_diag(*rotations[i]) @ p.T @ out
+    return out
+
+
+@pytest.mark.parametrize("d,b,m", [(16, 2, 4), (32, 4, 3), (24, 2, 3), (72, 4, 2)])
+def test_butterfly_matches_the_dense_construction(d, b, m):
+    torch.manual_seed(0)
+    layer = nn.Linear(d, 5)
+    adapter = methods.create("boft", layer, block_size=b, factors=m)
+    perturb(adapter)
+    dense = peft_dense_butterfly(adapter.rotations().detach(), d, b)
+    assert (adapter.butterfly(torch.eye(d)) - dense).abs().max() <= 1e-5
+    assert (adapter.merged_weight() - layer.weight @ dense.T).abs().max() <= 1e-5
+    assert all(t.dim() == 1 for n, t in adapter.named_buffers() if not n.startswith("base."))  # indices, no P matrix
+
+
+def test_butterfly_mixes_everything_with_log_factors():
+    torch.manual_seed(0)
+    d, b = 16, 2  # 8 blocks: 1 + log2(8) = 4 factors make R dense, 3 do not
+    for m, dense_expected in ((4, True), (3, False)):
+        adapter = methods.create("boft", nn.Linear(d, d), block_size=b, factors=m)
+        perturb(adapter)
+        r = adapter.butterfly(torch.eye(d)).detach()
+        assert bool((r.abs() > 1e-9).all()) == dense_expected
+    # each factor's permutation pairs half-blocks 2^i apart
+    assert butterfly_permutation(8, 2, 1).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    assert butterfly_permutation(8, 2, 2).tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+def test_kronecker_apply_matches_torch_kron():
+    ks = [torch.randn(2, 2), torch.randn(3, 3), torch.randn(4, 4)]
+    dense = torch.kron(torch.kron(ks[0], ks[1]), ks[2])
+    x = torch.randn(5, 7, 24)
+    assert (kron_apply(x, ks) - x @ dense).abs().max() <= 1e-4
+    assert (kron_apply(x, ks, transpose=True) - x @ dense.T).abs().max() <= 1e-4
+
+
+def test_soda_default_factors():
+    paper = {640: [8, 8, 10], 768: [6, 8, 16], 1280: [4, 16, 20], 2048: [4, 8, 64]}
+    for d, f in paper.items():
+        assert default_factors(d) == f
+    for d, f in {**SODA_FACTORS, 96: [4, 4, 6], 128: [4, 4, 8], 7: [1, 1, 7]}.items():
+        assert default_factors(d) == f and math.prod(f) == d
+    adapter = methods.create("soda", nn.Linear(96, 8), factors={96: [2, 6, 8]})
+    assert [k.shape[0] for k in adapter.K] == [2, 6, 8]
+
+
+def test_svd_factors_are_recomputed_not_stored():
+    _, adapter, _ = make("soda", "linear24to40")
+    assert set(adapter.adapter_state()) == {"delta", "K.0", "K.1", "K.2"}
+    assert set(adapter.state_dict()) - {"base.weight", "base.bias"} == {"delta", "K.0", "K.1", "K.2"}
+
+
+LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+def error(name, layer=None, **hp) -> str:
+    with pytest.raises(methods.MethodError) as info:
+        methods.create(name, layer if layer is not None else nn.Linear(96, 96), layer_name=LAYER, **hp)
+    message = str(info.value)
+    assert "\n" not in message and isinstance(info.value, ValueError)
+    return message
+
+
+def test_bad_hyper_parameters_raise_one_clear_line():
+    assert error("oft", block_size=7) == (
+        f"method.block_size: 7 does not divide d_in=96 of {LAYER} (allowed: 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 96)"
+    )
+    assert "'nope' is not a registered method" in error("nope") and "lora" in error("nope")
+    for rank in (0, -2):
+        m = error("lora", rank=rank)
+        assert m.startswith(f"method.rank: {rank} ") and LAYER in m
+    m = error("dora", rank=1.5)
+    assert m.startswith("method.rank: 1.5") and LAYER in m
+    m = error("oft", blocks=5)
+    assert m.startswith("method.blocks: 5 does not divide d_in=96") and LAYER in m
+    m = error("mobius", block_size=7)
+    assert m.startswith("method.block_size: 7 does not divide d_in=96") and LAYER in m
+    m = error("boft", block_size=5)
+    assert m.startswith("method.block_size: 5 does not divide d_in=96") and LAYER in m
+    m = error("boft", block_size=3, factors=2)
+    assert "factors=2" in m and "d_in=96" in m and "(allowed: 2, 4, 6, 8, 12, 16, 24, 48)" in m
+    m = error("soda", factors=[4, 4, 4])
+    assert m.startswith("method.factors: [4, 4, 4] multiply to 64, not d_in=96") and LAYER in m and "[4, 4, 6]" in m
+    m = error("oft", cayley="pade")
+    assert "'pade'" in m and "'exact', 'neumann'" in m
+    m = error("lora", rnak=4)
+    assert m.startswith("method.rnak: 4 is not a hyper-parameter of lora") and "alpha, rank" in m
+    assert "block_size" in error("oft", blocks=4, block_size=8)
+    assert "not a variant of lora" in error("lora", variant="x")
+    assert "'conformal'" in error("mobius", variant="paper")
+    m = error("lora", layer=nn.Embedding(4, 4))
+    assert "Embedding" in m and "nn.Linear" in m
+    assert "grouped Conv2d" in error("lora", layer=nn.Conv2d(4, 4, 3, groups=2))
