@@ -42,7 +42,7 @@ def test_unknown_group_option_is_one_line_exit_2(args, field, tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["method=oft", "method.hparams.block_size=7"], "block_size"),
+    (["method=oft", "method.hparams.blocks=7"], "blocks"),
     (["method=lora", "method.hparams.rank=0"], "rank"),
     (["task.subjects=[nosuch]"], "task.subjects"),
     (["model.path=/does/not/exist"], "model.path"),

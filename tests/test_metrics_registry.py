@@ -38,17 +38,17 @@ def test_metric_info_round_trips_through_json():
 def test_register_metric_adds_an_analogue_and_rejects_conflicts(monkeypatch):
     monkeypatch.setattr(metrics, "METRICS", dict(METRICS))
     info = MetricInfo(True, "fraction of subject attributes read back", analogue_of="dino")
-    assert register_metric("micro_subject_fidelity", info) is info
-    assert metrics.METRICS["micro_subject_fidelity"] == info
+    assert register_metric("example_subject_fidelity", info) is info
+    assert metrics.METRICS["example_subject_fidelity"] == info
     same = MetricInfo(True, "fraction of subject attributes read back", None, "dino")
-    register_metric("micro_subject_fidelity", same)  # the same info again: a no-op
-    with pytest.raises(ValueError, match="micro_subject_fidelity: metric already registered"):
-        register_metric("micro_subject_fidelity", MetricInfo(False, "fraction of subject attributes read back"))
+    register_metric("example_subject_fidelity", same)  # the same info again: a no-op
+    with pytest.raises(ValueError, match="example_subject_fidelity: metric already registered"):
+        register_metric("example_subject_fidelity", MetricInfo(False, "fraction of subject attributes read back"))
     with pytest.raises(ValueError, match="analogue_of='nope' is not a registered metric"):
         register_metric("micro_other", MetricInfo(True, "x", analogue_of="nope"))
     with pytest.raises(ValueError, match="expected a MetricInfo"):
         register_metric("micro_dict", {"higher_is_better": True})
-    assert "micro_subject_fidelity" not in METRICS  # the real registry was untouched
+    assert "example_subject_fidelity" not in METRICS  # the real registry was untouched
 
 
 def test_metrics_package_never_imports_bench():
