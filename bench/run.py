@@ -141,7 +141,11 @@ def note_in_sweep(path: Path) -> None:
 
 
 def run_unit(cfg, config, task, unit, model, run_dir: Path, job_dir: Path) -> Path:
-    unit_config = {**{k: v for k, v in config.items() if k not in VOLATILE}, "unit": unit}
+    # A unit's config: the job's, minus what cannot change its result; the subject list is replaced by the unit,
+    # so a subject's run has the same hash whichever other subjects its job ran.
+    unit_config = {k: v for k, v in config.items() if k not in VOLATILE}
+    unit_config["task"] = {k: v for k, v in unit_config["task"].items() if k != "subjects"}
+    unit_config["unit"] = unit
     config_hash = records.config_hash(unit_config)
     record_path = run_dir / "record.json"
     if record_path.exists():
