@@ -12,16 +12,19 @@ from omegaconf import DictConfig
 import results
 from results.record import RecordError
 
-from .run import SWEEP_ID
+from .run import SWEEP_MANIFEST
 
 
 class Leaderboard(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        os.environ[SWEEP_ID] = uuid.uuid4().hex[:12]  # inherited by local and joblib workers
+        # Beside the sweep directories (shared storage on a cluster); inherited by local, joblib and SLURM jobs.
+        manifest = (Path(config.hydra.sweep.dir).parent / ".sweeps" / f"{uuid.uuid4().hex[:12]}.txt").resolve()
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        os.environ[SWEEP_MANIFEST] = str(manifest)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        manifest = Path(config.hydra.sweep.dir) / ".sweeps" / f"{os.environ.get(SWEEP_ID)}.txt"
-        paths = sorted(set(manifest.read_text().split())) if manifest.exists() else []
+        manifest = Path(os.environ.get(SWEEP_MANIFEST, ""))
+        paths = sorted(set(manifest.read_text().split())) if manifest.is_file() else []
         if not paths:
             print("No run records were written by this sweep.")
             return
@@ -30,6 +33,7 @@ class Leaderboard(Callback):
         except RecordError as e:
             print(f"Leaderboard unavailable: {e}")
             return
-        print(f"\nLeaderboard ({len(paths)} records, {config.hydra.sweep.dir}):\n")
+        roots = sorted({str(Path(p).parents[2]) for p in paths})
+        print(f"\nLeaderboard ({len(paths)} records in {', '.join(roots)}):\n")
         print(results.to_markdown(board))
-        print(f"\nFull tables: python -m results leaderboard {config.hydra.sweep.dir}")
+        print(f"\nFull tables: python -m results leaderboard {' '.join(roots)}")

@@ -35,7 +35,7 @@ from .sample import generate
 from .train import Diverged, encode_examples, finetune
 
 log = logging.getLogger(__name__)
-SWEEP_ID = "PEFTBENCH_SWEEP_ID"  # set by bench.callbacks for a multirun; lists the records a sweep touched
+SWEEP_MANIFEST = "PEFTBENCH_SWEEP_MANIFEST"  # set by bench.callbacks: a file listing the records a sweep touched
 VOLATILE = ("logger", "sweep_name", "cache_dir")  # config keys that do not change a run's result
 
 
@@ -132,12 +132,10 @@ def discard_empty(job_dir: Path) -> None:
 
 
 def note_in_sweep(path: Path) -> None:
-    sweep_id = os.environ.get(SWEEP_ID)
-    if sweep_id:
-        manifest = Path(HydraConfig.get().sweep.dir) / ".sweeps" / f"{sweep_id}.txt"
-        manifest.parent.mkdir(parents=True, exist_ok=True)
-        with open(manifest, "a") as f:
-            f.write(f"{path}\n")
+    manifest = os.environ.get(SWEEP_MANIFEST)
+    if manifest:
+        with open(manifest, "a") as f:  # one short line per append: atomic enough for parallel jobs
+            f.write(f"{path.resolve()}\n")
 
 
 def run_unit(cfg, config, task, unit, model, run_dir: Path, job_dir: Path) -> Path:

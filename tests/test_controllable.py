@@ -127,3 +127,23 @@ def test_celebahq_layout_and_bad_landmarks(tmp_path):
     with pytest.raises(tasks.TaskError, match="im0.txt: expected 68 landmarks, got 5"):
         t = tasks.create(cfg("landmark2img", root=str(tmp_path), train_size=2, test_size=2))
         [t._example(f) for f in t.train_files + t.test_files]
+
+
+@pytest.mark.slow
+def test_controllable_sweep_end_to_end(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "bench", "-m", "experiment=smoke_control", "task=seg2img,canny2img",
+                          "method=lora", f"cache_dir={tmp_path}/cache"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    recs = {json.loads(p.read_text())["task"]["name"]: json.loads(p.read_text())
+            for p in (tmp_path / "multirun").rglob("record.json")}
+    assert set(recs) == {"seg2img", "canny2img"}
+    assert recs["seg2img"]["method"]["extra_trainable"]["control_encoder"] > 0
+    assert {"micro_mIoU", "micro_mAcc", "micro_aAcc", "micro_fid"} <= set(recs["seg2img"]["metrics"])
+    assert {"micro_edge_IoU", "micro_edge_F1"} <= set(recs["canny2img"]["metrics"])
+    assert "micro_mIoU" in recs["seg2img"]["baseline"]["metrics"]  # the uncontrolled base model's row
+    assert "Leaderboard (2 records" in out.stdout
