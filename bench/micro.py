@@ -5,7 +5,8 @@
 
 Training renders scenes on the fly (`tasks.micro.world`), so no image is seen twice; captions leave out each
 attribute with probability 0.2 and are replaced by the empty caption with probability 0.1 (classifier-free
-guidance). The exported weights are an exponential moving average of the trained ones. Every `--eval-every`
+guidance). The exported weights are an exponential moving average of the trained ones (decay warmed up as
+min(ema, (1 + step) / (10 + step))). Every `--eval-every`
 minutes the EMA model is scored by the analytic parser and the point is appended to the learning curve kept
 beside the weights (`learning_curve.json`).
 """
@@ -125,8 +126,9 @@ def train(args: argparse.Namespace) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - args.ema)
+        with torch.no_grad():  # EMA with warm-up, so the random initial weights fade out within a few steps
+            decay = min(args.ema, (1 + state["step"]) / (10 + state["step"]))
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
         state["step"] += 1
         state["minutes"] += (time.time() - t0) / 60
         bar.update()
