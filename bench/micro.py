@@ -1,6 +1,7 @@
 """Pretrain and check the embedded micro model.
 
-    python -m bench.micro train --minutes 60     # resumable: continues from .cache/micro/state.pt
+    python -m bench.micro train --minutes 60     # resumable: continues from .cache/micro/state.pt;
+                                                 # SIGTERM stops it with a checkpoint
     python -m bench.micro check                  # JSON: per-attribute accuracy on 256 held-out captions
 
 Training renders scenes on the fly (`tasks.micro.world`), so no image is seen twice; captions leave out each
@@ -17,6 +18,7 @@ import argparse
 import copy
 import json
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -104,11 +106,13 @@ def train(args: argparse.Namespace) -> None:
         micro.save(args.out, ema_unet, ema_text, tokenizer, scheduler)
         (Path(args.out) / "learning_curve.json").write_text(json.dumps(state["curve"], indent=1))
 
+    stop = []  # SIGTERM ends the run at the next step boundary, with a checkpoint
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     end = time.time() + args.minutes * 60
     next_eval = time.time() + args.eval_every * 60
     bar = tqdm(desc="pretraining micro", unit="step", initial=state["step"])
     unet.train(), text_encoder.train()
-    while time.time() < end:
+    while time.time() < end and not stop:
         t0 = time.time()
         lr = args.lr * min(1.0, (state["step"] + 1) / 500)
         for g in opt.param_groups:
