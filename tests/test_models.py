@@ -65,3 +65,10 @@ def test_corrupt_weights_name_the_path(tiny_sd, tmp_path):
     (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(models.ModelNotFound, match="broken"):
         models.load(broken)
+
+
+def test_micro_prompt_with_an_unknown_word_names_it():
+    m = models.load("micro")
+    m.encode_prompts(["a big red circle in the top left on a blue background", ""])
+    with pytest.raises(ValueError, match=r"unknown word 'teal'.*vocabulary is: .*circle"):
+        m.encode_prompts(["a teal circle"])

@@ -71,8 +71,21 @@ class Diffusion:
             max_length=self.tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
+        ).input_ids
+        self._check_vocabulary(prompts, ids)
+        return self.text_encoder(ids.to(self.device))[0]
+
+    def _check_vocabulary(self, prompts: list[str], ids: torch.Tensor) -> None:
+        """A word-level tokenizer (the micro model's) maps unknown words to <unk>: say which word, never guess."""
+        tok = self.tokenizer
+        unk = tok.unk_token_id
+        if unk is None or unk in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) or not (ids == unk).any():
+            return
+        for prompt in prompts:
+            for word in prompt.split():
+                if tok.convert_tokens_to_ids(word.lower()) == unk:
+                    vocab = " ".join(sorted(t for t in tok.get_vocab() if not t.startswith("<")))
+                    raise ValueError(f"prompt: unknown word {word!r} in {prompt!r}; the vocabulary is: {vocab}")
 
     def sampler(self) -> DDIMScheduler:
         return DDIMScheduler.from_config(self.scheduler.config)
