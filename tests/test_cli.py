@@ -56,3 +56,11 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(args, needle, tmp_path
     assert last.startswith("error: ") and needle in last, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_slurm_launcher_config_composes():
+    out = bench("--cfg", "hydra", "hydra/launcher=slurm", "hydra.launcher.partition=gpu")
+    assert out.returncode == 0, out.stderr
+    assert "submitit_plugin.hydra_plugins.submitit_launcher.submitit_launcher.SlurmLauncher" in out.stdout.replace(
+        "\n", "") or "SlurmLauncher" in out.stdout
+    assert "partition: gpu" in out.stdout and "gpus_per_node: 1" in out.stdout

@@ -109,3 +109,11 @@ def test_wandb_offline_logs_without_an_account(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert records(tmp_path / "run")[0]["run"]["status"] == "success"
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_local_parallel_launcher(tmp_path):
+    out = bench("-m", "hydra/launcher=local", "hydra.launcher.n_jobs=2", "experiment=smoke", "method=lora,oft",
+                "task.subjects=[checker]", f"cache_dir={tmp_path}/cache", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(r["method"]["name"] for r in records(tmp_path / "multirun")) == ["lora", "oft"]
+    assert "Leaderboard (2 records" in out.stdout
