@@ -160,14 +160,15 @@ def run_unit(cfg, config, task, unit, model, run_dir: Path, job_dir: Path) -> Pa
 
     # Before fine-tuning: the base model on the same requests, without any control (cached; it is the
     # leaderboard's baseline row).
-    base_key = key(model_fingerprint(model), task.fingerprint(), OmegaConf.to_container(cfg.task), unit, cfg.seed,
+    base_key = key(model_fingerprint(model), task.fingerprint(), [(r.prompt, r.seed) for r in requests],
+                   [(r.prompt, r.seed) for r in drift_requests], cfg.task.ddim_steps, cfg.task.guidance,
                    cfg.precision, str(device))
     base_images = cached(cache / "baseline" / f"{base_key}.pt", lambda: images_of(model, requests, cfg, device))
     drift_base = cached(cache / "baseline" / f"{base_key}-drift.pt",
                         lambda: images_of(model, drift_requests, cfg, device)) if drift_requests else None
     baseline = task.score(unit, requests, base_images, None, None)
     data = task.train_set(unit)
-    prior = prior_examples(cfg, data, model, cache)
+    prior = prior_examples(cfg, data, model, cache) if cfg.method.name != "none" else None
 
     method_cfg = cfg.method
     summary = attach_method(cfg, model)
@@ -194,17 +195,17 @@ def run_unit(cfg, config, task, unit, model, run_dir: Path, job_dir: Path) -> Pa
     start = time.perf_counter()
     try:
         if method_cfg.name == "none":
-            images, drift_adapted, train = base_images, drift_base, None
+            images, drift_adapted, train, sample_seconds = base_images, drift_base, None, 0.0
         else:
             encoder = task.control_encoder(model.unet)
             if encoder is not None:
                 record["method"]["extra_trainable"] = {"control_encoder": sum(p.numel() for p in encoder.parameters())}
-            images, drift_adapted, train = train_and_sample(cfg, data, prior, model, requests, drift_requests,
-                                                           encoder, tracker)
+            images, drift_adapted, train, sample_seconds = train_and_sample(
+                cfg, data, prior, model, requests, drift_requests, encoder, tracker)
             record["method"]["adapter_bytes"] = methods.save(model.unet, run_dir / "adapter")
         eval_start = time.perf_counter()
         scores = task.score(unit, requests, images, drift_base, drift_adapted)
-        record["eval"] = {"seconds": time.perf_counter() - eval_start, "images": len(images)}
+        record["eval"] = {"seconds": sample_seconds + time.perf_counter() - eval_start, "images": len(images)}
         if train is not None:
             record["train"] = train
         record["metrics"], record["metric_info"] = scores.metrics, scores.info
@@ -261,10 +262,12 @@ def train_and_sample(cfg, data, prior, model, requests, drift_requests, encoder,
                           batch_size=cfg.task.batch_size, seed=cfg.seed, grad_clip=cfg.task.grad_clip,
                           prior_weight=cfg.task.get("prior_weight", 1.0), precision=cfg.precision,
                           encoder=encoder, on_step=lambda step, loss: tracker.log({"loss": loss}, step=step))
+    sample_start = time.perf_counter()
     images = images_of(model, requests, cfg, device, encoder)
     drift_adapted = images_of(model, drift_requests, cfg, device) if drift_requests else None
+    sample_seconds = time.perf_counter() - sample_start
     stride = max(1, len(result.losses) // 200)
     train = {"steps": result.steps, "seconds": result.seconds, "peak_memory_mb": memory.mb,
              "memory_source": memory.source, "loss_first": result.losses[0], "loss_last": result.losses[-1],
              "loss_curve": result.losses[::stride]}
-    return images, drift_adapted, train
+    return images, drift_adapted, train, sample_seconds
