@@ -1,7 +1,8 @@
 """Pretrain and check the embedded micro model.
 
-    python -m bench.micro train --minutes 60     # resumable: continues from .cache/micro/state.pt;
-                                                 # SIGTERM stops it with a checkpoint
+    python -m bench.micro train --minutes 60     # resumable: continues from .cache/micro/state.pt, or on a
+                                                 # new machine from the committed weights; SIGTERM stops it
+                                                 # with a checkpoint
     python -m bench.micro check                  # JSON: per-attribute accuracy on 256 held-out captions
 
 Training renders scenes on the fly (`tasks.micro.world`), so no image is seen twice; captions leave out each
@@ -83,6 +84,18 @@ def train(args: argparse.Namespace) -> None:
         opt.load_state_dict(ckpt["opt"])
         state = ckpt["state"]
         log.info("resumed at step %d (%.1f training minutes)", state["step"], state["minutes"])
+    elif (Path(args.out) / "learning_curve.json").exists():
+        # A new machine has no .cache: continue from the committed weights (fresh optimiser moments, lr warm-up
+        # again) and extend their learning curve.
+        committed = models.load(args.out)
+        for module, source in ((unet, committed.unet), (text_encoder, committed.text_encoder),
+                               (ema_unet, committed.unet), (ema_text, committed.text_encoder)):
+            module.load_state_dict(source.state_dict())
+        curve = json.loads((Path(args.out) / "learning_curve.json").read_text())
+        last = curve[-1]
+        state = {"step": last["step"], "minutes": last["minutes"], "curve": curve, "warm_start": last["step"],
+                 "rng": np.random.default_rng(args.seed + last["step"]).bit_generator.state}
+        log.info("warm start from %s at step %d (%.1f training minutes)", args.out, last["step"], last["minutes"])
     rng = np.random.default_rng()
     rng.bit_generator.state = state["rng"]
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
@@ -114,7 +127,7 @@ def train(args: argparse.Namespace) -> None:
     unet.train(), text_encoder.train()
     while time.time() < end and not stop:
         t0 = time.time()
-        lr = args.lr * min(1.0, (state["step"] + 1) / 500)
+        lr = args.lr * min(1.0, (state["step"] - state.get("warm_start", 0) + 1) / 500)
         for g in opt.param_groups:
             g["lr"] = lr
         images, captions = training_batch(rng, args.batch)
