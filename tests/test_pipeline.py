@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "2"}
 
 
-def bench(*args, cwd, env=None, timeout=600):
+def bench(*args, cwd, env=None, timeout=1500):
     return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True,
                           env={**ENV, **(env or {})}, cwd=cwd, timeout=timeout)
 
