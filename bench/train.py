@@ -1,6 +1,6 @@
 """The fine-tuning loop: noise-prediction loss, prior preservation, the registry's optimiser, a NaN guard.
 
-loss = ‖ε − ε_θ(x_t, t, c)‖² on instance images + prior_weight · the same on class images (DreamBooth's prior
+loss = ‖ε − ε_θ(x_t, t, c)‖² (or the v target for v-prediction models) on instance images + prior_weight · the same on class images (DreamBooth's prior
 preservation), with x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε. The optimiser comes from `methods.optimizer`, so no method
 is special-cased here. Only adapter (and control-encoder) parameters train; the text encoder stays frozen, so
 each distinct prompt is encoded once.
@@ -57,7 +57,14 @@ def _noise_loss(model: Diffusion, ex: Examples, idx: torch.Tensor, encoder, gen:
     injected = encoder.inject(model.unet, ex.control[idx]) if ex.control is not None else contextlib.nullcontext()
     with injected:
         pred = model.unet(noisy, t, encoder_hidden_states=ex.hidden[idx]).sample
-    return F.mse_loss(pred.float(), noise.float())
+    return F.mse_loss(pred.float(), prediction_target(model, x0, noise, t).float())
+
+
+def prediction_target(model: Diffusion, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet predicts: ε for epsilon models (SD-1.5, micro), v = √ᾱ ε − √(1−ᾱ) x₀ for v-prediction ones."""
+    if model.scheduler.config.prediction_type == "v_prediction":
+        return model.scheduler.get_velocity(x0, noise, t)
+    return noise
 
 
 def finetune(
