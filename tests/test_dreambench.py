@@ -38,7 +38,10 @@ def test_prompts_and_classes_are_read(world):
     assert objects[0] == "a {0} {1} in the jungle" and len(objects) == 3 and len(live) == 2
     task = DreamBench(task_cfg(world["bench"]))
     assert task.units() == ["dog", "backpack"]
-    assert [r.prompt for r in task.eval_requests("dog", 0)][::4] == ["a sks dog in the jungle", "a sks dog on the beach"]
+    per_prompt = task.cfg.images_per_prompt
+    prompts = [r.prompt for r in task.eval_requests("dog", 0)]
+    assert prompts[::per_prompt] == ["a sks dog in the jungle", "a sks dog on the beach"]
+    assert len(prompts) == 2 * per_prompt and len({r.seed for r in task.eval_requests("dog", 0)}) == len(prompts)
     assert task.train_set("backpack").images.shape == (3, 3, 32, 32)
     assert task.train_set("dog").prior_prompt == "a photo of dog"
 
