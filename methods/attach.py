@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from methods.base import Adapter, LayerShape
+from methods.base import Adapter, LayerShape, make_groups
 from methods.registry import MethodError, fail, fmt, full_hparams, method_class, resolve_variant
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -68,10 +68,13 @@ def attach(model: nn.Module, name: str, target_modules=None, budget: int | None 
 
     model.requires_grad_(False)
     spec = {"method": name, "variant": variant, "hparams": hp, "budget": budget}
+    created = []
     for (n, module), shape, h in zip(layers, shapes, per_layer):
         adapter = cls(module, shape, h, variant)
         adapter.spec = spec
         _replace(model, n, adapter)
+        created.append(adapter)
+    make_groups(created)  # small layers alike build W' together in training (methods.base.WeightGroup)
     return summary(model)
 
 
@@ -189,6 +192,58 @@ def load(model: nn.Module, path) -> dict:
     return summary(model)
 
 
+class RiemannianAdam(geoopt.optim.RiemannianAdam):
+    """geoopt's RiemannianAdam, with the parameters of one shape, manifold and step count updated as one batch.
+
+    The same update, parameter by parameter (geoopt's manifold operations are batched over leading dimensions):
+    SODA's Kronecker factors are many small matrices, and stepping them one at a time costs a Python loop of
+    ~20 small operations each. State (per parameter, as geoopt's) and checkpoints are unchanged. AMSGrad and
+    `stabilize` fall back to geoopt's own step."""
+
+    def step(self, closure=None):
+        if any(g["amsgrad"] or g["stabilize"] is not None for g in self.param_groups):
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            for group in self.param_groups:
+                b1, b2 = group["betas"]
+                buckets: dict[tuple, list] = {}
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    if p.grad.is_sparse:
+                        raise RuntimeError("RiemannianAdam does not support sparse gradients")
+                    manifold = p.manifold if isinstance(p, (geoopt.ManifoldParameter, geoopt.ManifoldTensor)) \
+                        else self._default_manifold
+                    state = self.state[p]
+                    if len(state) == 0:
+                        state["step"] = 0
+                        state["exp_avg"] = torch.zeros_like(p)
+                        state["exp_avg_sq"] = torch.zeros_like(p)
+                    state["step"] += 1
+                    key = (type(manifold), repr(manifold), p.shape, p.dtype, p.device, state["step"])
+                    buckets.setdefault(key, []).append((p, state, manifold))
+                for (*_, step), items in buckets.items():
+                    points = [p for p, _, _ in items]
+                    manifold = items[0][2]
+                    x = torch.stack(points)
+                    grad = torch.stack([p.grad for p in points]).add_(x, alpha=group["weight_decay"])
+                    grad = manifold.egrad2rgrad(x, grad)
+                    exp_avg = torch.stack([s["exp_avg"] for _, s, _ in items]).mul_(b1).add_(grad, alpha=1 - b1)
+                    exp_avg_sq = torch.stack([s["exp_avg_sq"] for _, s, _ in items]).mul_(b2).add_(
+                        manifold.component_inner(x, grad), alpha=1 - b2)
+                    denom = exp_avg_sq.div(1 - b2**step).sqrt_().add_(group["eps"])
+                    direction = exp_avg.div(1 - b1**step) / denom
+                    new_x, new_avg = manifold.retr_transp(x, -group["lr"] * direction, exp_avg)
+                    torch._foreach_copy_(points, list(new_x.unbind(0)))
+                    torch._foreach_copy_([s["exp_avg"] for _, s, _ in items], list(new_avg.unbind(0)))
+                    torch._foreach_copy_([s["exp_avg_sq"] for _, s, _ in items], list(exp_avg_sq.unbind(0)))
+        return loss
+
+
 class JointOptimizer(torch.optim.Optimizer):
     """AdamW for Euclidean parameters and geoopt's RiemannianAdam for manifold ones, stepped as one optimiser.
 
@@ -242,9 +297,9 @@ def optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, lr_multipl
     stiefel = [{"params": ps, "lr": lr * m} for (riem, m), ps in groups.items() if riem]
     parts = []
     if euclidean:
-        parts.append(torch.optim.AdamW(euclidean, lr=lr, weight_decay=weight_decay))
+        parts.append(torch.optim.AdamW(euclidean, lr=lr, weight_decay=weight_decay, foreach=True))
     if stiefel:
-        parts.append(geoopt.optim.RiemannianAdam(stiefel, lr=lr))
+        parts.append(RiemannianAdam(stiefel, lr=lr))
     opt = parts[0] if len(parts) == 1 else JointOptimizer(parts)
     constrained = [a for _, a in found if type(a).project_ is not Adapter.project_]
     if constrained:

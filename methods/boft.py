@@ -9,7 +9,12 @@ mixes coordinates 2^{i−1}·b apart and m = 1 + log2(d_in/b) factors make R den
 (an index_select on the last dimension, consecutive ones fused), never a d×d matrix. m > 1 needs b even and
 b·2^{m−1} dividing d_in. Without m > 1 this is OFT with block size b.
 
-The forward pass applies the factors to the input activations (x R) when cheaper than rebuilding W Rᵀ, as OFT.
+Every factor mixes coordinates only within chunks of B = b·2^{m−1}, so R is block-diagonal with dense B×B blocks;
+the input side computes those blocks (the butterfly applied to an identity, B·d_in·b·m multiply-adds) and runs
+OFT's fused `rotated_linear` with them: one product with W Rᵀ forward, backward dx = dy W Rᵀ and the blocks'
+gradient from the activations (one block pass), never the weight gradient. When the blocks get wide (many
+factors: B above m NARROW-wide passes) it rotates x factor by factor instead. The cost estimate picks it or
+rebuilding W Rᵀ (factor by factor, index butterflies).
 """
 
 from __future__ import annotations
@@ -17,7 +22,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from methods.base import Adapter, LayerShape, cayley, divisors, narrow, positive_int, rotate_blocks, skew
+from methods.base import (
+    Adapter,
+    LayerShape,
+    cayley,
+    divisors,
+    narrow,
+    positive_int,
+    rotate_blocks,
+    rotated_linear,
+    skew,
+    stack,
+    stack_constant,
+)
 from methods.registry import fail, register
 
 
@@ -51,8 +68,11 @@ class BOFT(Adapter):
             for k, index in enumerate(gathers(perms, order)):
                 self.register_buffer(f"gather_{side}{k}", None if index is None else index.to(layer.weight.device),
                                      persistent=False)
+        self.chunk = b * 2 ** (m - 1)  # R is block-diagonal with chunk × chunk blocks
+        self.dense = narrow(shape.d_in, self.chunk) <= m * narrow(shape.d_in, b)
+        self.build_cost = shape.d_out * m * narrow(shape.d_in, b)  # W Rᵀ factor by factor
         if shape.kind == "linear":
-            self.token_cost = m * narrow(shape.d_in, b)
+            self.token_cost = narrow(shape.d_in, self.chunk) if self.dense else m * narrow(shape.d_in, b)
 
     @classmethod
     def resolve(cls, shape: LayerShape, hp: dict) -> dict:
@@ -79,20 +99,44 @@ class BOFT(Adapter):
         """The Cayley blocks of every factor, shape (m, d_in/b, b, b)."""
         return cayley(skew(self.Q, self.hparams["block_size"]))
 
-    def butterfly(self, v: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        """v R (x R = x F_{m−1} ⋯ F_0), or with `transpose` v Rᵀ (rows of W: w F_0ᵀ ⋯ F_{m−1}ᵀ)."""
-        rs = self.rotations()
-        order, side = (range(len(rs)), "w") if transpose else (reversed(range(len(rs))), "x")
+    def butterfly(self, v: torch.Tensor, transpose: bool = False, rs: torch.Tensor | None = None) -> torch.Tensor:
+        """v R (x R = x F_{m−1} ⋯ F_0), or with `transpose` v Rᵀ (rows of W: w F_0ᵀ ⋯ F_{m−1}ᵀ). `rs`: the Cayley
+        blocks (default this adapter's), or several adapters' (N, m, d_in/b, b, b) applied to v (N, ..., d_in)."""
+        rs = self.rotations() if rs is None else rs
+        m = rs.shape[-4]
+        order, side = (range(m), "w") if transpose else (reversed(range(m)), "x")
         for k, i in enumerate(list(order) + [None]):
             index = getattr(self, f"gather_{side}{k}")
             if index is not None:
                 v = v.index_select(-1, index)
             if i is not None:
-                v = rotate_blocks(v, rs[i], transpose)
+                v = rotate_blocks(v, rs.select(-4, i), transpose)
         return v
 
-    def adapted_weight(self) -> torch.Tensor:
-        return self.butterfly(self.frozen_weight(), transpose=True)
+    @classmethod
+    def batched_weights(cls, adapters, cache=None) -> torch.Tensor:
+        """W R(m, b)ᵀ."""
+        rs = cayley(skew(stack([a.Q for a in adapters]), adapters[0].hparams["block_size"]))
+        w = stack_constant(adapters, lambda a: a.frozen_weight(), cache, "W")
+        return adapters[0].butterfly(w, transpose=True, rs=rs)
+
+    def blocks(self) -> torch.Tensor:
+        """R's dense diagonal blocks (d_in/B, B, B), B = b·2^(m−1): block c is R restricted to chunk c."""
+        d, c = self.shape.d_in, self.chunk
+        eye = torch.eye(c, device=self.Q.device, dtype=self.Q.dtype).repeat(1, d // c)  # e_j in every chunk
+        return self.butterfly(eye).reshape(c, d // c, c).transpose(0, 1)
+
+    def input_cost(self, tokens: int, grad: bool) -> int:
+        if not self.dense:
+            return super().input_cost(tokens, grad)
+        forward = min(tokens, self.shape.d_out) * self.token_cost  # as OFT's (exact Cayley)
+        if not grad:
+            return forward
+        if tokens >= self.shape.d_out:
+            return 2 * forward + tokens * self.token_cost
+        return forward + 2 * tokens * self.token_cost
 
     def forward_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense:
+            return rotated_linear(x, self.blocks(), self.base.weight, self.base.bias, orthogonal=True)
         return self.base(self.butterfly(x))

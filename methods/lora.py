@@ -4,6 +4,8 @@
 
 Trainable per layer: r (d_in + d_out). On a Conv2d, A is a convolution with the layer's kernel (its flattened
 kernel is the r × c_in·k·k matrix A) and B a 1×1 convolution, so B·A is the low-rank update of the flattened kernel.
+On a Linear, the input side is the fused `low_rank_linear` (one product with W' forward and backward, A and B's
+gradients through rank r), so a step costs about the frozen layer's.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from methods.base import Adapter, LayerShape, narrow, positive_int
+from methods.base import Adapter, LayerShape, low_rank_linear, positive_int, skinny, stack, stack_constant
 from methods.registry import fail, register
 
 
@@ -28,7 +30,7 @@ class LoRA(Adapter):
         self.B = nn.Parameter(torch.zeros(shape.d_out, hp["rank"], device=layer.weight.device))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.scale = hp["alpha"] / hp["rank"]
-        self.token_cost = narrow(shape.d_in + shape.d_out, hp["rank"])
+        self.token_cost = skinny(shape.d_in + shape.d_out, hp["rank"])
 
     @classmethod
     def resolve(cls, shape: LayerShape, hp: dict) -> dict:
@@ -46,8 +48,20 @@ class LoRA(Adapter):
     def budget_options(cls, shapes: list[LayerShape], hp: dict) -> list[dict]:
         return [{"rank": r} for r in range(1, max(min(s.d_in, s.d_out) for s in shapes) + 1)]
 
-    def adapted_weight(self) -> torch.Tensor:
-        return self.frozen_weight() + self.scale * (self.B @ self.A)
+    @classmethod
+    def batched_weights(cls, adapters, cache=None) -> torch.Tensor:
+        """W + (α/r) B A."""
+        w = stack_constant(adapters, lambda a: a.frozen_weight(), cache, "W")
+        return torch.baddbmm(w, stack([a.B for a in adapters]), stack([a.A for a in adapters]),
+                             alpha=adapters[0].scale)
+
+    def input_cost(self, tokens: int, grad: bool) -> int:
+        if self.shape.kind != "linear":
+            return super().input_cost(tokens, grad)
+        build = self.shape.d_out * skinny(self.shape.d_in, self.hparams["rank"])  # W + s·B·A (again backward)
+        return 2 * build + 2 * tokens * self.token_cost if grad else build  # backward: x·Aᵀ, dy·B, dA, dB
 
     def forward_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shape.kind == "linear":
+            return low_rank_linear(x, self.base.weight, self.A, self.B, self.scale, self.base.bias)
         return self.base(x) + self.scale * self.low_rank(x, self.A, self.B)

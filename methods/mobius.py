@@ -25,7 +25,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from methods.base import Adapter, LayerShape, block_options, block_size_of, cayley, rotate_blocks, skew
+from methods.base import (
+    Adapter,
+    LayerShape,
+    block_options,
+    block_size_of,
+    cayley,
+    rotate_blocks,
+    skew,
+    stack,
+    stack_constant,
+)
 from methods.registry import register
 
 BOOSTS: dict[str, type[nn.Module]] = {}
@@ -33,8 +43,10 @@ EPS = 1e-12
 
 
 def boost(name: str):
-    """Register a Möbius variant: an nn.Module(blocks, b) mapping unit block vectors (..., blocks, b) to the sphere,
-    the identity at initialisation, with a static `count(blocks, b)` of its parameters."""
+    """Register a Möbius variant: an nn.Module(blocks, b) mapping unit block vectors (..., blocks, b) to the sphere
+    (`forward(u, scale=None)`, the result times `scale` when given), the identity at initialisation, with a static
+    `count(blocks, b)` of its parameters, and optionally a classmethod `batched(boosts, u, scale)` applying several
+    at once (u stacked (N, ...), for `Mobius.batched_weights`)."""
 
     def wrap(cls):
         BOOSTS[name] = cls
@@ -55,11 +67,44 @@ class ConformalBoost(nn.Module):
     def count(blocks: int, b: int) -> int:
         return blocks * b
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        a = self.v / torch.sqrt(1 + self.v.pow(2).sum(-1, keepdim=True))
+    def forward(self, u: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """T_a(u), times `scale` (broadcast over the last dimension) if given."""
+        return self.transform(u, self.v, scale)
+
+    @classmethod
+    def batched(cls, boosts: list, u: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Several boosts at once: u (N, ..., blocks, b), the i-th boost on u[i]."""
+        return cls.transform(u, stack([m.v for m in boosts]), scale)
+
+    @staticmethod
+    def transform(u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        a = v * (1 + (v * v).sum(-1, keepdim=True)).rsqrt()  # inside the unit ball, 0 at v = 0
+        return _Boost.apply(u, a.unsqueeze(-3), scale)
+
+
+class _Boost(torch.autograd.Function):
+    """out = scale · T_a(u) = scale · ((1 − ‖a‖²)(u − a)/‖u − a‖² − a) for rows u (..., rows, blocks, b) and one a per
+    block (..., 1, blocks, b); differentiable in a only (u and scale are the frozen weight's). The gradient, written
+    out to touch the (rows, blocks, b) tensors a few times instead of autograd's dozen: with diff = u − a,
+    d = ‖diff‖², c = scale (1 − ‖a‖²)/d and G the output gradient, per row
+    ∂/∂a = −(c + scale) G + 2 (G·diff)/d · out, summed over the rows."""
+
+    @staticmethod
+    def forward(ctx, u, a, scale):
+        scale = torch.ones((), dtype=u.dtype, device=u.device) if scale is None else scale
         diff = u - a
-        dist2 = diff.pow(2).sum(-1, keepdim=True).clamp_min(EPS)
-        return (1 - a.pow(2).sum(-1, keepdim=True)) * diff / dist2 - a
+        dist2 = torch.linalg.vector_norm(diff, dim=-1, keepdim=True).square_().clamp_min_(EPS)
+        c = scale * (1 - (a * a).sum(-1, keepdim=True)) / dist2
+        out = (diff * c).addcmul_(scale, a, value=-1)
+        ctx.save_for_backward(diff, dist2, c, scale, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        diff, dist2, c, scale, out = ctx.saved_tensors
+        along = (grad * diff).sum(-1, keepdim=True)  # G·diff per row and block
+        per_row = (out * (2 * along / dist2)).addcmul_(grad, c + scale, value=-1)
+        return None, per_row.sum(-3, keepdim=True), None
 
 
 @register("mobius")
@@ -74,6 +119,7 @@ class Mobius(Adapter):
         b, n = hp["block_size"], hp["blocks"]
         self.Q = nn.Parameter(torch.zeros(n, b * (b - 1) // 2, device=layer.weight.device))
         self.boost = BOOSTS[variant](n, b, device=layer.weight.device)
+        self._units: tuple | None = None
 
     @classmethod
     def resolve(cls, shape: LayerShape, hp: dict) -> dict:
@@ -92,9 +138,25 @@ class Mobius(Adapter):
     def rotation(self) -> torch.Tensor:
         return cayley(skew(self.Q, self.hparams["block_size"]))
 
-    def adapted_weight(self) -> torch.Tensor:
-        n, b = self.hparams["blocks"], self.hparams["block_size"]
-        w = self.frozen_weight().reshape(self.shape.d_out, n, b)
-        norm = w.norm(dim=-1, keepdim=True)
-        moved = norm * self.boost(w / norm.clamp_min(EPS))
-        return rotate_blocks(moved.reshape(self.shape.d_out, -1), self.rotation(), transpose=True)
+    def unit_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """‖w_block‖ and w_block/‖w_block‖ of the frozen weight, (d_out, blocks, 1) and (d_out, blocks, b): constants,
+        computed once and again only when the frozen weight changes (its version, storage or dtype)."""
+        w = self.frozen_weight()
+        key = (self.base.weight._version, self.base.weight.data_ptr(), w.dtype)
+        if self._units is None or self._units[0] != key:
+            with torch.no_grad():
+                w = w.reshape(self.shape.d_out, self.hparams["blocks"], self.hparams["block_size"])
+                norm = w.norm(dim=-1, keepdim=True)
+                self._units = (key, norm, w / norm.clamp_min(EPS))
+        return self._units[1], self._units[2]
+
+    @classmethod
+    def batched_weights(cls, adapters, cache=None) -> torch.Tensor:
+        """Per block: ‖w‖ · R_i · T_{a_i}(w/‖w‖)."""
+        norm = stack_constant(adapters, lambda a: a.unit_blocks()[0], cache, "norm")
+        unit = stack_constant(adapters, lambda a: a.unit_blocks()[1], cache, "unit")
+        boosts = [a.boost for a in adapters]
+        batched = getattr(type(boosts[0]), "batched", None)
+        moved = batched(boosts, unit, norm) if batched else stack([m(u, n) for m, u, n in zip(boosts, unit, norm)])
+        r = cayley(skew(stack([a.Q for a in adapters]), adapters[0].hparams["block_size"]))
+        return rotate_blocks(moved.flatten(-2), r, transpose=True)

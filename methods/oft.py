@@ -8,8 +8,10 @@ the inverse by `neumann_terms` terms of its Neumann series (cheaper, approximate
 COFT (`coft: true`) keeps the rotation near the identity: after every optimiser step each Q_i is projected into
 the Frobenius ball ‖Q_i‖ ≤ ε/√r, so ‖Q‖ ≤ ε for the whole block-diagonal Q (the form Hugging Face peft uses).
 
-The forward pass rotates the input activations blockwise (x R, by reshaping) when the cost estimate of
-`Adapter._input_side` says that is cheaper than rebuilding W Rᵀ; a Conv2d always rebuilds W Rᵀ.
+The input side is the fused `rotated_linear`: one product with W Rᵀ forward (or x R first, for fewer tokens than
+d_out), and backward dx = dy W Rᵀ with the frozen layer's own product and dR_i = x_iᵀ (dx R)_i blockwise (R
+orthogonal; with the Neumann series dx = (dy W) Rᵀ and dR_i = x_iᵀ (dy W)_i), never the weight gradient; the cost
+estimate of `Adapter._input_side` picks it or rebuilding W Rᵀ with autograd. A Conv2d always rebuilds W Rᵀ.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from methods.base import (
     narrow,
     positive_int,
     rotate_blocks,
+    rotated_linear,
     skew,
+    stack,
+    stack_constant,
 )
 from methods.registry import fail, register
 
@@ -70,11 +75,25 @@ class OFT(Adapter):
         terms = self.hparams["neumann_terms"] if self.hparams["cayley"] == "neumann" else None
         return cayley(skew(self.Q, self.hparams["block_size"]), terms)
 
-    def adapted_weight(self) -> torch.Tensor:
-        return rotate_blocks(self.frozen_weight(), self.rotation(), transpose=True)
+    @classmethod
+    def batched_weights(cls, adapters, cache=None) -> torch.Tensor:
+        """W Rᵀ, R = blockdiag(Cayley(Q_i))."""
+        hp = adapters[0].hparams
+        terms = hp["neumann_terms"] if hp["cayley"] == "neumann" else None
+        r = cayley(skew(stack([a.Q for a in adapters]), hp["block_size"]), terms)
+        return rotate_blocks(stack_constant(adapters, lambda a: a.frozen_weight(), cache, "W"), r, transpose=True)
+
+    def input_cost(self, tokens: int, grad: bool) -> int:
+        forward = min(tokens, self.shape.d_out) * self.token_cost  # build W Rᵀ, or rotate x when fewer tokens
+        if not grad:
+            return forward
+        if tokens >= self.shape.d_out and self.hparams["cayley"] == "exact":  # rebuild W Rᵀ, one block pass
+            return 2 * forward + tokens * self.token_cost
+        return forward + 2 * tokens * self.token_cost  # backward: dx = g Rᵀ, dR
 
     def forward_input(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(rotate_blocks(x, self.rotation()))
+        exact = self.hparams["cayley"] == "exact"  # orthogonal R: the cheaper backward
+        return rotated_linear(x, self.rotation(), self.base.weight, self.base.bias, orthogonal=exact)
 
     @torch.no_grad()
     def project_(self) -> None:

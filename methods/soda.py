@@ -22,11 +22,12 @@ import geoopt
 import torch
 from torch import nn
 
-from methods.base import LayerShape, divisors, narrow
+from methods.base import LayerShape, divisors, narrow, stack, stack_constant
 from methods.registry import fail, register
 from methods.svd_scaling import SpectralShift
 
 PAPER_FACTORS = {640: [8, 8, 10], 768: [6, 8, 16], 1280: [4, 16, 20], 2048: [4, 8, 64]}
+WIDE = 512  # kron_apply: slice products of at least this many multiply-adds run in place, smaller ones after a copy
 
 
 def default_factors(d: int) -> list[int]:
@@ -37,14 +38,27 @@ def default_factors(d: int) -> list[int]:
 
 
 def kron_apply(v: torch.Tensor, factors: list[torch.Tensor], transpose: bool = False) -> torch.Tensor:
-    """v (K_1 ⊗ ⋯ ⊗ K_n) on the last dimension, or v (K_1 ⊗ ⋯ ⊗ K_n)ᵀ, one factor per reshaped axis."""
-    lead, n = v.shape[:-1], len(factors)
-    v = v.reshape(*lead, *(k.shape[0] for k in factors))
+    """v (K_1 ⊗ ⋯ ⊗ K_n) on the last dimension, or v (K_1 ⊗ ⋯ ⊗ K_n)ᵀ, one factor per reshaped axis, never the
+    dense product: axis j of v seen as (…, k_j, k_{j+1}⋯k_n) is multiplied by K_jᵀ from the left in one batched
+    product (no transposing copies), the last axis by K_n from the right. Batched: factors (N, k, k) apply their
+    i-th matrix to v[i] (v: (N, ..., d))."""
+    sizes = [k.shape[-1] for k in factors]
+    batched = factors[0].dim() == 3
+    out = v.reshape(v.shape[0] if batched else 1, -1, v.shape[-1])  # (N, rows, d)
+    n, rows = out.shape[:2]
     for j, k in enumerate(factors):
         k = (k.mT if transpose else k).to(v.dtype)
-        axis = v.dim() - n + j
-        v = (v.movedim(axis, -1) @ k).movedim(-1, axis)
-    return v.reshape(*lead, -1)
+        k = k if batched else k.unsqueeze(0)
+        after = math.prod(sizes[j + 1:])
+        if after == 1:
+            out = torch.bmm(out.reshape(n, -1, sizes[j]), k)
+        elif sizes[j] ** 2 * after >= WIDE:  # K_jᵀ times (k_j × after) slices: big enough products, no copies
+            out = torch.matmul(k.mT.unsqueeze(1), out.reshape(n, rows * math.prod(sizes[:j]), sizes[j], after))
+        else:  # narrow slices: move the axis last (one copy) for one product per adapter
+            lead = out.shape
+            moved = out.reshape(n, rows * math.prod(sizes[:j]), sizes[j], after).transpose(-1, -2)
+            out = torch.bmm(moved.reshape(n, -1, sizes[j]), k).reshape(moved.shape).transpose(-1, -2).reshape(lead)
+    return out.reshape(v.shape)
 
 
 @register("soda")
@@ -58,6 +72,7 @@ class SODA(SpectralShift):
             geoopt.ManifoldParameter(torch.eye(k, device=device), manifold=geoopt.EuclideanStiefel())
             for k in hp["factors"]
         )
+        self.build_cost += shape.d_out * sum(narrow(shape.d_in, k) for k in hp["factors"])  # rows times Rᵀ
         if shape.kind == "linear":
             self.token_cost += sum(narrow(shape.d_in, k) for k in hp["factors"])
         else:
@@ -83,8 +98,12 @@ class SODA(SpectralShift):
     def count(cls, shape: LayerShape, hp: dict, variant: str | None = None) -> int:
         return min(shape.d_in, shape.d_out) + sum(k * k for k in hp["factors"])
 
-    def adapted_weight(self) -> torch.Tensor:
-        return kron_apply(self.shifted(self.frozen_weight()), list(self.K), transpose=True)
+    @classmethod
+    def batched_weights(cls, adapters, cache=None) -> torch.Tensor:
+        """U diag(ReLU(σ + δ)) Vᵀ (K_1 ⊗ K_2 ⊗ K_3)ᵀ."""
+        w = cls.shifted(adapters, stack_constant(adapters, lambda a: a.frozen_weight(), cache, "W"), cache)
+        factors = [stack([a.K[j] for a in adapters]) for j in range(len(adapters[0].K))]
+        return kron_apply(w, factors, transpose=True)
 
     def forward_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.shifted_forward(kron_apply(x, list(self.K)))

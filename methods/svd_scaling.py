@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from methods.base import Adapter, LayerShape, narrow
+from methods.base import Adapter, LayerShape, narrow, stack, stack_constant
 from methods.registry import register
 
 
@@ -30,13 +30,22 @@ class SpectralShift(Adapter):
         self.register_buffer("Vh", vh, persistent=False)
         self.delta = nn.Parameter(torch.zeros_like(s))
         self.token_cost = narrow(shape.d_in + shape.d_out, s.numel())
+        self.build_cost = shape.d_out * s.numel() * shape.d_in  # (U ⊙ shift) Vᵀ
 
     def shift(self) -> torch.Tensor:
         """ReLU(σ + δ) − σ, zero at init."""
         return torch.relu(self.S + self.delta) - self.S
 
-    def shifted(self, w: torch.Tensor) -> torch.Tensor:
-        return w + (self.U * self.shift()) @ self.Vh
+    @staticmethod
+    def shifted(adapters: list, w: torch.Tensor, cache=None) -> torch.Tensor:
+        """w + U diag(ReLU(σ + δ) − σ) Vᵀ for the stacked weights w (N, d_out, d_in) of N adapters."""
+        if len(adapters) == 1:  # one layer: 2-d products (their backward keeps less than the batched ones)
+            a = adapters[0]
+            return torch.addmm(w[0], a.U * a.shift(), a.Vh).unsqueeze(0)
+        s = stack_constant(adapters, lambda a: a.S, cache, "S")
+        shift = torch.relu(s + stack([a.delta for a in adapters])) - s
+        u = stack_constant(adapters, lambda a: a.U, cache, "U")
+        return torch.baddbmm(w, u * shift.unsqueeze(-2), stack_constant(adapters, lambda a: a.Vh, cache, "Vh"))
 
     def shifted_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.low_rank(x, self.shift()[:, None] * self.Vh, self.U)
@@ -54,8 +63,10 @@ class SVDScaling(SpectralShift):
     def count(cls, shape: LayerShape, hp: dict, variant: str | None = None) -> int:
         return min(shape.d_in, shape.d_out)
 
-    def adapted_weight(self) -> torch.Tensor:
-        return self.shifted(self.frozen_weight())
+    @classmethod
+    def batched_weights(cls, adapters, cache=None) -> torch.Tensor:
+        """W + U diag(ReLU(σ + δ) − σ) Vᵀ."""
+        return cls.shifted(adapters, stack_constant(adapters, lambda a: a.frozen_weight(), cache, "W"), cache)
 
     def forward_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.shifted_forward(x)

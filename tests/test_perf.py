@@ -1,0 +1,234 @@
+"""bench.perf (issue 8): the benchmark runs and writes its JSON and Markdown; and the fast paths it measures
+compute what the plain formulas do (fused input-side layers, batched weight builds, the batched Riemannian Adam,
+the CPU allocation tracker). No timing assertions: the timing targets live in the benchmark, not in tests."""
+
+import copy
+import json
+import math
+
+import geoopt
+import pytest
+import torch
+from torch import nn
+
+import methods
+from bench import perf
+from methods.attach import RiemannianAdam
+
+FUSED = [("lora", {"rank": 3, "alpha": 6}), ("dora", {"rank": 3}), ("oft", {"blocks": 4}), ("oft", {"block_size": 2}),
+         ("oft", {"block_size": 4, "cayley": "neumann"}), ("boft", {"block_size": 4, "factors": 2}),
+         ("boft", {"block_size": 2, "factors": 3})]
+
+
+def _ratios(node, path=""):
+    """Every number under a key ending in "ratio" or "_vs_..." (the figures the tables show)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and ("ratio" in k or "_vs_" in k):
+                yield f"{path}.{k}", v
+            yield from _ratios(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _ratios(v, f"{path}[{i}]")
+
+
+@pytest.mark.slow
+def test_quick_run_writes_json_and_markdown(tmp_path):
+    out, md = tmp_path / "perf.json", tmp_path / "perf.md"
+    perf.main(["--quick", "--methods", "lora,oft", "--repeats", "2", "--min-seconds", "0.005", "--threads", "1",
+               "--out", str(out), "--markdown", str(md)])
+    result = json.loads(out.read_text())
+    env = result["environment"]
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["threads"] == 1
+    assert result["quick"] and result["methods"] == ["lora", "oft"]
+    cases = [r["name"] for r in result["layer"]]
+    assert cases == ["320·1024", "320·256", "kv 768→320·77"]
+    for row in result["layer"]:
+        variants = row["variants"]
+        assert {"frozen", "lora", "oft", "lora:input", "lora:weight", "oft:input", "oft:weight", "peft:lora",
+                "peft:oft"} == set(variants)
+        for name in ("lora", "oft"):
+            v = variants[name]
+            assert v["side"] in ("input", "weight") and v["faster_side"] in ("input", "weight")
+            assert {"time_vs_frozen", "memory_vs_frozen", "time_vs_peft", "memory_vs_peft"} <= set(v)
+            assert v["memory"]["peak_bytes"] >= v["memory"]["static_bytes"] > 0
+        assert variants["frozen"]["time_vs_frozen"]["ratio"] == 1.0
+    assert set(result["micro"]["methods"]) == {"lora", "oft"} and result["micro"]["reference"] == "lora"
+    assert set(result["sampling"]["methods"]) == {"lora", "oft"}
+    ratios = list(_ratios(result))
+    assert len(ratios) > 50
+    for where, value in ratios:
+        assert math.isfinite(value) and value > 0, where
+    assert isinstance(result["misses"], list)
+    text = md.read_text()
+    for title in ("forward+backward time / frozen layer", "peak memory / frozen layer", "ours / peft",
+                  "Micro model training step", "Sampling / base model"):
+        assert title in text
+
+
+def test_markdown_marks_missed_targets():
+    row = {"name": "320·4096", "targeted": True, "notes": {}, "variants": {
+        "frozen": {"time_vs_frozen": {"ratio": 1.0}, "memory_vs_frozen": 1.0},
+        "oft": {"time_vs_frozen": {"ratio": 1.42, "min": 1.4, "max": 1.5}, "memory_vs_frozen": 1.1, "side": "input",
+                "time_vs_peft": {"ratio": 0.7}, "memory_vs_peft": 1.01},
+        "peft:oft": {"time_vs_frozen": {"ratio": 2.0}, "memory_vs_frozen": 1.1}}}
+    result = {"environment": {"device_name": "cpu", "device": "cpu", "threads": 1, "precision": "fp32",
+                              "torch": "x", "peft": "y"}, "command": "c", "repeats": 3, "methods": ["oft"],
+              "layer": [row]}
+    text = perf.markdown(result)
+    assert "| oft | 1.42× ✗ i |" in text and "0.70×, 1.01× ✗" in text
+    assert any("1.42× frozen" in m for m in perf.misses(result))
+
+
+def _perturbed(name, layer, **hp):
+    adapter = methods.create(name, layer, **hp)
+    with torch.no_grad():
+        for p in adapter.adapter_state().values():
+            p.add_(0.3 * torch.randn_like(p))
+    return adapter
+
+
+@pytest.mark.parametrize("name,hp", FUSED)
+@pytest.mark.parametrize("d_in,d_out,tokens,bias", [(16, 24, 3, True), (32, 8, 40, False), (64, 64, 100, True)])
+def test_fused_input_side_matches_autograd_through_the_weight(name, hp, d_in, d_out, tokens, bias):
+    torch.manual_seed(0)
+    adapter = _perturbed(name, nn.Linear(d_in, d_out, bias=bias), **hp)
+    x = torch.randn(2, tokens, d_in, requires_grad=True)
+    dy = torch.randn(2, tokens, d_out)
+    results = {}
+    for side in ("input", "weight"):
+        adapter.side = side
+        adapter.zero_grad(set_to_none=True)
+        x.grad = None
+        y = adapter(x)
+        y.backward(dy)
+        results[side] = [y.detach(), x.grad.clone(), *(p.grad.clone() for p in adapter.adapter_state().values())]
+    for ours, reference in zip(results["input"], results["weight"]):
+        assert (ours - reference).abs().max() <= 1e-5 * (1 + reference.abs().max())
+
+
+@pytest.mark.parametrize("name,hp", FUSED[:3] + FUSED[5:6])
+def test_fused_input_side_under_bf16_autocast(name, hp):
+    torch.manual_seed(0)
+    adapter = _perturbed(name, nn.Linear(64, 48), **hp)
+    x = torch.randn(2, 100, 64, requires_grad=True)
+    results = {}
+    for side in ("input", "weight"):
+        adapter.side = side
+        adapter.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = adapter(x)
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+        assert x.grad.dtype == torch.float32
+        results[side] = [y.float().detach(), x.grad.clone(), *(p.grad for p in adapter.adapter_state().values())]
+    for ours, reference in zip(results["input"], results["weight"]):
+        assert (ours - reference).abs().max() <= 2e-2 * reference.abs().max()
+
+
+def test_frozen_weight_made_trainable_still_gets_its_gradient():
+    torch.manual_seed(0)
+    for name, hp in (("lora", {}), ("oft", {"blocks": 4})):
+        layer = nn.Linear(16, 8)
+        adapter = _perturbed(name, layer, **hp)
+        layer.weight.requires_grad_(True)
+        x = torch.randn(40, 16)
+        grads = []
+        for side in ("input", "weight"):
+            adapter.side = side
+            layer.weight.grad = None
+            adapter(x).square().sum().backward()
+            grads.append(layer.weight.grad.clone())
+        assert (grads[0] - grads[1]).abs().max() <= 1e-4 * grads[1].abs().max()
+
+
+@pytest.mark.slow
+def test_weight_groups_build_the_same_weights_and_gradients():
+    """methods.attach groups small alike layers; their batched W' and gradients equal the per-layer ones, through
+    gradient accumulation, two forwards before one backward, a no-grad forward, an optimiser step and a copy."""
+    from bench.models.micro import build_unet
+
+    torch.manual_seed(0)
+    latents, text, t = torch.randn(2, 12, 16, 16), torch.randn(2, 40, 128), torch.tensor([10, 500])
+
+    def step(model, forwards=1):
+        sum(model(latents, t, encoder_hidden_states=text).sample.square().mean() for _ in range(forwards)).backward()
+
+    base = build_unet()
+    for name in ("lora", "dora", "oft", "boft", "svd_scaling", "soda", "mobius"):
+        grouped = copy.deepcopy(base)
+        methods.attach(grouped, name)
+        for _, a in methods.adapters(grouped):
+            a.side = "weight"
+        single = copy.deepcopy(grouped)
+        for _, a in methods.adapters(single):
+            del a.__dict__["_group"]
+        assert sum("_group" in a.__dict__ for _, a in methods.adapters(grouped)) == 56
+        with torch.no_grad():
+            for (_, a), (_, b) in zip(methods.adapters(grouped), methods.adapters(single)):
+                for p, q in zip(a.adapter_state().values(), b.adapter_state().values()):
+                    if not isinstance(p, geoopt.ManifoldParameter):
+                        noise = 0.02 * torch.randn_like(p)
+                        p.add_(noise), q.add_(noise)
+        grouped.train(), single.train()
+        for model in (grouped, single):
+            step(model)
+            step(model)  # accumulation: the first backward spent the batch, this forward builds a new one
+            with torch.no_grad():
+                model(latents, t, encoder_hidden_states=text)
+            step(model, forwards=2)
+        for a, b in zip(methods.trainable_parameters(grouped), methods.trainable_parameters(single)):
+            assert (a.grad - b.grad).abs().max() <= 1e-5 * (1 + b.grad.abs().max()), name
+        for model in (grouped, single):
+            methods.optimizer(model, lr=1e-3).step()
+            model(latents, t, encoder_hidden_states=text)  # a live batch: copies must not carry it
+        twin = copy.deepcopy(grouped)
+        for (_, a), (_, b) in zip(methods.adapters(grouped), methods.adapters(single)):
+            assert (a.merged_weight() - b.merged_weight()).abs().max() <= 1e-5
+        step(twin)
+
+
+def test_batched_riemannian_adam_is_geoopts_update():
+    torch.manual_seed(0)
+    shapes = [(4, 4)] * 5 + [(6, 6)] * 3 + [(8, 8)]
+    ours = [geoopt.ManifoldParameter(torch.linalg.qr(torch.randn(s))[0], manifold=geoopt.EuclideanStiefel())
+            for s in shapes]
+    theirs = [geoopt.ManifoldParameter(p.detach().clone(), manifold=geoopt.EuclideanStiefel()) for p in ours]
+    opt_ours, opt_theirs = RiemannianAdam(ours, lr=1e-2), geoopt.optim.RiemannianAdam(theirs, lr=1e-2)
+    for _ in range(4):
+        for a, b in zip(ours, theirs):
+            g = torch.randn_like(a)
+            a.grad, b.grad = g.clone(), g.clone()
+        opt_ours.step(), opt_theirs.step()
+    for a, b in zip(ours, theirs):
+        assert (a - b).abs().max() <= 1e-6
+        assert (opt_ours.state[a]["exp_avg"] - opt_theirs.state[b]["exp_avg"]).abs().max() <= 1e-6
+        assert opt_ours.state[a]["step"] == opt_theirs.state[b]["step"] == 4
+        assert (a @ a.T - torch.eye(a.shape[0])).abs().max() <= 1e-5
+
+
+def test_cpu_allocation_tracker_sees_the_peak():
+    x = torch.randn(1000, 1000)  # allocated before: not counted
+    with perf.Peak(torch.device("cpu")) as peak:
+        a = x + 1  # 4 MB
+        b = a * 2  # 4 MB more, both alive: the peak
+        del a, b
+        c = x.sum()  # a scalar after the peak
+    assert 8_000_000 <= peak.bytes <= 8_100_000
+    assert c.numel() == 1
+
+
+def test_layer_memory_counts_what_the_call_holds():
+    layer = nn.Linear(64, 32, bias=False).requires_grad_(False)
+    x = torch.randn(2, 50, 64, requires_grad=True)
+    dy = torch.randn(2, 50, 32)
+    frozen = perf.layer_memory(layer, x, dy, None, torch.device("cpu"))
+    assert frozen["static_bytes"] == 4 * (x.numel() + dy.numel() + layer.weight.numel())
+    assert frozen["during_bytes"] >= 4 * (dy.numel() + x.numel())  # the output and the input gradient
+    assert frozen["saved_bytes"] == 0  # a frozen layer keeps nothing but its weight for backward
+    adapter = methods.create("lora", copy.deepcopy(layer))
+    adapter.side = "weight"  # autograd through W' = W + BA keeps W' (and x, which is not counted)
+    lora = perf.layer_memory(adapter, x, dy, None, torch.device("cpu"))
+    assert lora["saved_bytes"] >= 4 * layer.weight.numel()
+    assert lora["peak_bytes"] > frozen["peak_bytes"]
