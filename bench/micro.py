@@ -33,6 +33,7 @@ from tasks.micro import parse, world
 from . import models
 from .models import micro
 from .sample import generate
+from .train import prediction_target
 
 log = logging.getLogger(__name__)
 STATE = Path(".cache/micro/state.pt")
@@ -136,9 +137,8 @@ def train(args: argparse.Namespace) -> None:
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),))
         noisy = scheduler.add_noise(latents, noise, t)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            hidden = model.text_hidden_states(captions)
-            pred = unet(noisy, t, encoder_hidden_states=hidden).sample
-        loss = F.mse_loss(pred.float(), noise)
+            pred = model.predict(noisy, t, model.encode_text(captions))
+        loss = F.mse_loss(pred.float(), prediction_target(model, latents, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

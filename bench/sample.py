@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .models import Diffusion
+from .models import Diffusion, Prompts
 
 
 def initial_noise(model: Diffusion, seeds: Sequence[int]) -> torch.Tensor:
@@ -41,14 +41,13 @@ def generate(
         raise ValueError(f"prompts and seeds differ in length ({len(prompts)} vs {len(seeds)})")
     sampler = model.sampler()
     sampler.set_timesteps(steps)
-    empty = model.encode_prompts([""])
     out = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="sampling", disable=not progress, leave=False):
         part = slice(start, min(start + batch_size, len(prompts)))
         n = part.stop - part.start
         cond = model.encode_prompts(list(prompts[part]))
-        text = torch.cat([empty.expand(n, -1, -1), cond])
+        text = Prompts.cat([model.unconditional(n), cond])
         latents = initial_noise(model, seeds[part]).to(model.device) * sampler.init_noise_sigma
         injected = contextlib.nullcontext()
         if controls is not None:
@@ -57,8 +56,8 @@ def generate(
         with injected:
             for t in sampler.timesteps:
                 x = sampler.scale_model_input(torch.cat([latents, latents]), t)
-                eps_uncond, eps_cond = model.unet(x, t, encoder_hidden_states=text).sample.chunk(2)
-                eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-                latents = sampler.step(eps, t, latents).prev_sample
+                uncond, cond_out = model.predict(x, t, text).chunk(2)
+                guided = uncond + guidance * (cond_out - uncond)
+                latents = sampler.step(guided, t, latents).prev_sample
         out.append(model.decode_latents(latents).cpu())
     return torch.cat(out)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .models import Diffusion
+from .models import Diffusion, Prompts
 
 
 class Diverged(RuntimeError):
@@ -28,7 +28,7 @@ class Diverged(RuntimeError):
 @dataclasses.dataclass
 class Examples:
     latents: torch.Tensor
-    hidden: torch.Tensor  # text encoder states, one per example
+    text: Prompts  # encoded prompt, one per example
     control: torch.Tensor | None = None
 
 
@@ -44,9 +44,8 @@ def encode_examples(model: Diffusion, images: torch.Tensor, prompts: list[str],
     with torch.no_grad():
         latents = torch.cat([model.encode_images(images[i : i + 16]) for i in range(0, len(images), 16)])
         unique = sorted(set(prompts))
-        states = dict(zip(unique, model.encode_prompts(unique)))
-    hidden = torch.stack([states[p] for p in prompts])
-    return Examples(latents, hidden, None if control is None else control.to(model.device))
+        text = model.encode_prompts(unique)[[unique.index(p) for p in prompts]]
+    return Examples(latents, text, None if control is None else control.to(model.device))
 
 
 def _noise_loss(model: Diffusion, ex: Examples, idx: torch.Tensor, encoder, gen: torch.Generator) -> torch.Tensor:
@@ -56,7 +55,7 @@ def _noise_loss(model: Diffusion, ex: Examples, idx: torch.Tensor, encoder, gen:
     noisy = model.scheduler.add_noise(x0, noise, t)
     injected = encoder.inject(model.unet, ex.control[idx]) if ex.control is not None else contextlib.nullcontext()
     with injected:
-        pred = model.unet(noisy, t, encoder_hidden_states=ex.hidden[idx]).sample
+        pred = model.predict(noisy, t, ex.text[idx])
     return F.mse_loss(pred.float(), prediction_target(model, x0, noise, t).float())
 
 

@@ -19,7 +19,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("real")
-    return {"sd": save_tiny_sd(root / "sd"), "bench": save_dreambench(root / "dreambench"),
+    return {"sd15": save_tiny_sd(root / "sd"), "sdxl": save_tiny_sd(root / "sdxl", xl=True), "bench": save_dreambench(root / "dreambench"),
             "dino": save_tiny_dino(root / "dino"), "clip": save_tiny_clip(root / "clip")}
 
 
@@ -67,9 +67,10 @@ def test_unknown_subject(world):
 
 
 @pytest.mark.slow
-def test_real_path_end_to_end(world, tmp_path):
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+def test_real_path_end_to_end(world, tmp_path, model):
     out = subprocess.run(
-        [sys.executable, "-m", "bench", "method=oft", "model=sd15", f"model.path={world['sd']}", "model.resolution=32",
+        [sys.executable, "-m", "bench", "method=oft", f"model={model}", f"model.path={world[model]}", "model.resolution=32",
          f"task.root={world['bench']}", "task.subjects=[dog]", "task.steps=2", "task.batch_size=1",
          "task.class_images=2", "task.images_per_prompt=2", "task.ddim_steps=2", "task.drift_prompts=2",
          "method.hparams.blocks=4", f"task.metrics.dino={world['dino']}", f"task.metrics.clip_model={world['clip']}",

@@ -17,12 +17,32 @@ def test_tiny_sd_loads_through_the_shared_loader(tiny_sd):
     m = models.load(tiny_sd)
     assert m.vae is not None and m.resolution == 32
     assert not any(p.requires_grad for p in m.unet.parameters())
-    hidden = m.encode_prompts(["a photo of sks dog"])
-    assert hidden.shape == (1, 16, 32)
+    text = m.encode_prompts(["a photo of sks dog"])
+    assert text.hidden.shape == (1, 16, 32) and text.pooled is None
     ids = m.tokenizer("a photo of sks dog").input_ids
     assert m.tokenizer.unk_token_id not in ids[1:-1]  # the BPE tokenizer really tokenizes
     images = generate(m, ["a photo of sks dog"], [0], steps=2)
     assert images.shape == (1, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    return save_tiny_sd(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl", xl=True)
+
+
+def test_tiny_sdxl_conditions_on_both_encoders_and_the_pooled_text(tiny_sdxl):
+    m = models.load(tiny_sdxl)
+    assert m.text_encoder_2 is not None and m.zero_empty_prompt
+    text = m.encode_prompts(["a photo of sks dog", "a red cat"])
+    assert text.hidden.shape == (2, 16, 64) and text.pooled.shape == (2, 32)  # 32 + 32 channels side by side
+    empty = m.unconditional(2)
+    assert not empty.hidden.any() and not empty.pooled.any()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 500])
+    # the pooled embedding really reaches the UNet (through the time embedding), not only the token states
+    other = models.Prompts(text.hidden, text.pooled.flip(0))
+    assert not torch.allclose(m.predict(x, t, text), m.predict(x, t, other))
+    images = generate(m, ["a photo of sks dog"], [0], steps=2)
+    assert images.shape == (1, 3, 32, 32)
 
 
 def test_micro_loads_and_round_trips_its_latents():

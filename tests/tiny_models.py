@@ -5,13 +5,17 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 WORDS = ["a", "photo", "of", "sks", "dog", "cat", "red", "on", "the", "beach", "in", "snow", "backpack", "jungle"]
 
 
-def save_tiny_sd(path: Path, seed: int = 0) -> Path:
-    """A 32-px SD-1.5-shaped pipeline (VAE 4x down, UNet with cross-attention, CLIP text encoder + BPE tokenizer)."""
+def save_tiny_sd(path: Path, seed: int = 0, xl: bool = False) -> Path:
+    """A 32-px SD-1.5-shaped pipeline (VAE 4x down, UNet with cross-attention, CLIP text encoder + BPE tokenizer).
+
+    xl=True: SDXL-shaped instead: a second text encoder with a projection (its pooled output and the size/crop
+    ids enter the UNet's time embedding, `addition_embed_type="text_time"`), cross-attention on both encoders'
+    states side by side, and zeros for the empty prompt."""
     torch.manual_seed(seed)
     path = Path(path)
     tok_dir = path / "tokenizer"
@@ -32,14 +36,23 @@ def save_tiny_sd(path: Path, seed: int = 0) -> Path:
     tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16,
                               pad_token="<|endoftext|>")
     tokenizer.save_pretrained(tok_dir)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
-                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
-                                        projection_dim=32, eos_token_id=vocab["<|endoftext|>"]))
-    text.save_pretrained(path / "text_encoder")
+    text_config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=16, projection_dim=32,
+                                 eos_token_id=vocab["<|endoftext|>"])
+    CLIPTextModel(text_config).save_pretrained(path / "text_encoder")
+    index = {"_class_name": "StableDiffusionPipeline"}
+    xl_unet = {}
+    if xl:
+        tokenizer.save_pretrained(path / "tokenizer_2")
+        CLIPTextModelWithProjection(text_config).save_pretrained(path / "text_encoder_2")
+        index = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+                 "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}
+        xl_unet = {"addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+                   "projection_class_embeddings_input_dim": 32 + 6 * 8}
     UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
+        cross_attention_dim=64 if xl else 32, attention_head_dim=8, norm_num_groups=16, **xl_unet,
     ).save_pretrained(path / "unet")
     AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
@@ -48,7 +61,7 @@ def save_tiny_sd(path: Path, seed: int = 0) -> Path:
     ).save_pretrained(path / "vae")
     DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                   beta_end=0.012).save_pretrained(path / "scheduler")
-    (path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (path / "model_index.json").write_text(json.dumps(index))
     return path
 
 

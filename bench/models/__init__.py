@@ -1,7 +1,9 @@
-"""One loader for every text-to-image model: the embedded micro model and diffusers checkpoints (SD-1.5, SD-2.1).
+"""One loader for every text-to-image model: the embedded micro model and diffusers checkpoints (SD-1.5, SD-2.1,
+SDXL).
 
-`load(path)` reads a diffusers folder layout (`unet/`, `text_encoder/`, `tokenizer/`, `scheduler/`, and `vae/`
-unless `model_index.json` names the lossless space-to-depth codec the micro model uses) from a local directory
+`load(path)` reads a diffusers folder layout (`unet/`, `text_encoder/`, `tokenizer/`, `scheduler/`, `vae/`
+unless `model_index.json` names the lossless space-to-depth codec the micro model uses, and SDXL's
+`text_encoder_2/` + `tokenizer_2/` when the index lists them) from a local directory
 or a hub id. With `HF_HUB_OFFLINE=1` a hub id that is not cached is a clear `ModelNotFound`, never a hang.
 """
 
@@ -15,13 +17,33 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-from transformers import AutoTokenizer, CLIPTextModel
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
 from .micro import WEIGHTS as MICRO_WEIGHTS
 
 
 class ModelNotFound(RuntimeError):
     """Raised with a one-line message naming the path or hub id that could not be loaded."""
+
+
+@dataclasses.dataclass
+class Prompts:
+    """Encoded prompts, what the UNet is conditioned on: the text encoder's token states, and for SDXL also the
+    pooled embedding of its second encoder. Indexable like a tensor, one row per prompt."""
+
+    hidden: torch.Tensor  # (N, tokens, dim)
+    pooled: torch.Tensor | None = None  # (N, dim_2): SDXL only
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def __getitem__(self, idx) -> Prompts:
+        return Prompts(self.hidden[idx], None if self.pooled is None else self.pooled[idx])
+
+    @staticmethod
+    def cat(parts: list[Prompts]) -> Prompts:
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        return Prompts(torch.cat([p.hidden for p in parts]), pooled)
 
 
 @dataclasses.dataclass
@@ -35,6 +57,9 @@ class Diffusion:
     scheduler: DDPMScheduler  # training noise schedule; `sampler()` gives the matching DDIM
     vae: AutoencoderKL | None  # None: space-to-depth codec (micro)
     resolution: int
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL's second encoder (and its tokenizer)
+    tokenizer_2: object = None
+    zero_empty_prompt: bool = False  # SDXL's `force_zeros_for_empty_prompt`: the unconditional branch is zeros
 
     @property
     def device(self) -> torch.device:
@@ -60,24 +85,51 @@ class Diffusion:
         s = self.unet.config.sample_size
         return (n, c, s, s)
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        return self.text_hidden_states(prompts)
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, prompts: Prompts) -> torch.Tensor:
+        """The UNet's output (ε or v) for noisy latents at timesteps t. SDXL's micro-conditioning asks for
+        (original size, crop top-left, target size): the training resolution, uncropped."""
+        added = None
+        if prompts.pooled is not None:
+            r = self.resolution
+            time_ids = torch.tensor([r, r, 0, 0, r, r], device=latents.device, dtype=prompts.pooled.dtype)
+            added = {"text_embeds": prompts.pooled, "time_ids": time_ids.expand(len(latents), -1)}
+        return self.unet(latents, t, encoder_hidden_states=prompts.hidden, added_cond_kwargs=added).sample
 
-    def text_hidden_states(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Prompts:
+        return self.encode_text(prompts)
+
+    def unconditional(self, n: int) -> Prompts:
+        """The classifier-free-guidance branch: the empty prompt, or zeros where the model was trained so."""
+        empty = self.encode_prompts([""])
+        if self.zero_empty_prompt:
+            empty = Prompts(torch.zeros_like(empty.hidden), torch.zeros_like(empty.pooled))
+        return empty[[0] * n]
+
+    def encode_text(self, prompts: list[str]) -> Prompts:
+        """Token states of the text encoder (SD-1.5/2.1, micro: its last layer). SDXL: both encoders' penultimate
+        layers side by side, plus the second encoder's pooled projection, as SDXL was trained."""
+        ids = self._token_ids(self.tokenizer, prompts)
+        if self.text_encoder_2 is None:
+            return Prompts(self.text_encoder(ids)[0])
+        first = self.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        second = self.text_encoder_2(self._token_ids(self.tokenizer_2, prompts), output_hidden_states=True)
+        return Prompts(torch.cat([first, second.hidden_states[-2]], dim=-1), second.text_embeds)
+
+    def _token_ids(self, tokenizer, prompts: list[str]) -> torch.Tensor:
+        ids = tokenizer(
             prompts,
             padding="max_length",
-            max_length=self.tokenizer.model_max_length,
+            max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         ).input_ids
-        self._check_vocabulary(prompts, ids)
-        return self.text_encoder(ids.to(self.device))[0]
+        self._check_vocabulary(tokenizer, prompts, ids)
+        return ids.to(self.device)
 
-    def _check_vocabulary(self, prompts: list[str], ids: torch.Tensor) -> None:
+    @staticmethod
+    def _check_vocabulary(tok, prompts: list[str], ids: torch.Tensor) -> None:
         """A word-level tokenizer (the micro model's) maps unknown words to <unk>: say which word, never guess."""
-        tok = self.tokenizer
         unk = tok.unk_token_id
         if unk is None or unk in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) or not (ids == unk).any():
             return
@@ -113,9 +165,13 @@ def load(path: str | os.PathLike = "micro", device: str | torch.device = "cpu", 
         text_encoder = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", torch_dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(where, subfolder="tokenizer")
         scheduler = DDPMScheduler.from_pretrained(where, subfolder="scheduler")
-        vae = None
+        vae = text_encoder_2 = tokenizer_2 = None
         if index.get("latent_codec") != "space_to_depth":
             vae = AutoencoderKL.from_pretrained(where, subfolder="vae", torch_dtype=torch.float32)
+        if "text_encoder_2" in index:  # SDXL
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(where, subfolder="text_encoder_2",
+                                                                         torch_dtype=torch.float32)
+            tokenizer_2 = AutoTokenizer.from_pretrained(where, subfolder="tokenizer_2")
     except ModelNotFound:
         raise
     except Exception as e:  # whatever the libraries raise for absent or corrupt files: one line naming the path
@@ -123,8 +179,9 @@ def load(path: str | os.PathLike = "micro", device: str | torch.device = "cpu", 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelNotFound(f"model.path: cannot load {where}{offline}: {first}") from e
     resolution = index.get("resolution") or unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
-    model = Diffusion(name or Path(where).name, unet, text_encoder, tokenizer, scheduler, vae, int(resolution))
-    for module in (unet, text_encoder, vae):
+    model = Diffusion(name or Path(where).name, unet, text_encoder, tokenizer, scheduler, vae, int(resolution),
+                      text_encoder_2, tokenizer_2, bool(index.get("force_zeros_for_empty_prompt", False)))
+    for module in (unet, text_encoder, text_encoder_2, vae):
         if module is not None:
             module.requires_grad_(False).eval().to(device)
     return model
