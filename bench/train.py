@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .models import Diffusion, Prompts
@@ -30,6 +29,19 @@ class Examples:
     latents: torch.Tensor
     text: Prompts  # encoded prompt, one per example
     control: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, idx) -> Examples:
+        return Examples(self.latents[idx], self.text[idx], None if self.control is None else self.control[idx])
+
+    @staticmethod
+    def cat(parts: list[Examples]) -> Examples:
+        if len({p.control is None for p in parts}) > 1:
+            raise ValueError("examples with and without control images cannot share a batch")
+        control = None if parts[0].control is None else torch.cat([p.control for p in parts])
+        return Examples(torch.cat([p.latents for p in parts]), Prompts.cat([p.text for p in parts]), control)
 
 
 @dataclasses.dataclass
@@ -48,15 +60,17 @@ def encode_examples(model: Diffusion, images: torch.Tensor, prompts: list[str],
     return Examples(latents, text, None if control is None else control.to(model.device))
 
 
-def _noise_loss(model: Diffusion, ex: Examples, idx: torch.Tensor, encoder, gen: torch.Generator) -> torch.Tensor:
-    x0 = ex.latents[idx]
+def _noise_loss(model: Diffusion, batch: Examples, weights: torch.Tensor, encoder, gen: torch.Generator) -> torch.Tensor:
+    """Σ_i weights_i · ‖target_i − prediction_i‖² (mean over each example's elements), one UNet pass."""
+    x0 = batch.latents
     noise = torch.randn(x0.shape, generator=gen).to(x0.device)
-    t = torch.randint(0, model.scheduler.config.num_train_timesteps, (len(idx),), generator=gen).to(x0.device)
+    t = torch.randint(0, model.scheduler.config.num_train_timesteps, (len(x0),), generator=gen).to(x0.device)
     noisy = model.scheduler.add_noise(x0, noise, t)
-    injected = encoder.inject(model.unet, ex.control[idx]) if ex.control is not None else contextlib.nullcontext()
+    injected = encoder.inject(model.unet, batch.control) if batch.control is not None else contextlib.nullcontext()
     with injected:
-        pred = model.predict(noisy, t, ex.text[idx])
-    return F.mse_loss(pred.float(), prediction_target(model, x0, noise, t).float())
+        pred = model.predict(noisy, t, batch.text)
+    per_example = (pred.float() - prediction_target(model, x0, noise, t).float()).square().flatten(1).mean(1)
+    return (per_example * weights.to(per_example.device)).sum()
 
 
 def prediction_target(model: Diffusion, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -91,12 +105,14 @@ def finetune(
     model.unet.train()
     t0 = time.perf_counter()
     for step in tqdm(range(steps), desc="fine-tuning", leave=False):
-        idx = torch.from_numpy(rng.choice(len(instance.latents), size=batch_size, replace=True))
+        # instance and class examples share one UNet pass: loss = mean(instance) + prior_weight · mean(class)
+        batch = instance[torch.from_numpy(rng.choice(len(instance), size=batch_size, replace=True))]
+        weights = torch.full((batch_size,), 1 / batch_size)
+        if prior is not None:
+            batch = Examples.cat([batch, prior[torch.from_numpy(rng.choice(len(prior), size=batch_size, replace=True))]])
+            weights = torch.cat([weights, torch.full((batch_size,), prior_weight / batch_size)])
         with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = _noise_loss(model, instance, idx, encoder, gen)
-            if prior is not None:
-                pidx = torch.from_numpy(rng.choice(len(prior.latents), size=batch_size, replace=True))
-                loss = loss + prior_weight * _noise_loss(model, prior, pidx, encoder, gen)
+            loss = _noise_loss(model, batch, weights, encoder, gen)
         value = loss.item()
         if not math.isfinite(value):
             raise Diverged(f"loss became {value} at step {step}")
