@@ -8,9 +8,12 @@
 Training renders scenes on the fly (`tasks.micro.world`), so no image is seen twice; captions leave out each
 attribute with probability 0.2 and are replaced by the empty caption with probability 0.1 (classifier-free
 guidance). The exported weights are an exponential moving average of the trained ones (decay warmed up as
-min(ema, (1 + step) / (10 + step))). Every `--eval-every`
-minutes the EMA model is scored by the analytic parser and the point is appended to the learning curve kept
-beside the weights (`learning_curve.json`).
+min(ema, (1 + k) / (10 + k)), k = steps since the start or since the last switch of prediction target). Every
+`--eval-every` minutes the EMA model is scored by the analytic parser and the point is appended to the learning
+curve kept beside the weights (`learning_curve.json`).
+
+The committed weights were trained with `--prediction epsilon` for 3242 steps, then with v-prediction (the
+default) from there; each learning-curve point names its target.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ from .sample import generate
 from .train import prediction_target
 
 log = logging.getLogger(__name__)
-STATE = Path(".cache/micro/state.pt")
 HELD_OUT_SEED = 10_000  # evaluation scenes come from their own stream, never the training one's
 
 
@@ -69,22 +71,33 @@ def evaluate(model: models.Diffusion, n: int = 256, guidance: float = 2.0, steps
     return out
 
 
+def switch_objective(state: dict, old: str, new: str) -> None:
+    """Continuing under another prediction target (the committed model went epsilon -> v): warm the lr up again."""
+    state["prediction"] = new
+    if old != new:
+        state["warm_start"] = state["step"]
+        log.info("prediction target %s -> %s from step %d", old, new, state["step"])
+
+
 def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     tokenizer = micro.build_tokenizer()
     unet, text_encoder = micro.build_unet(), micro.build_text_encoder(tokenizer)
-    scheduler = micro.build_scheduler()
+    scheduler = micro.build_scheduler(args.prediction)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
-    state = {"step": 0, "minutes": 0.0, "curve": [], "rng": np.random.default_rng(args.seed).bit_generator.state}
-    if STATE.exists():
-        ckpt = torch.load(STATE, weights_only=False)
+    state = {"step": 0, "minutes": 0.0, "curve": [], "prediction": args.prediction,
+             "rng": np.random.default_rng(args.seed).bit_generator.state}
+    state_file = Path(args.state)
+    if state_file.exists():
+        ckpt = torch.load(state_file, weights_only=False)
         for module, key in ((unet, "unet"), (text_encoder, "text"), (ema_unet, "ema_unet"), (ema_text, "ema_text")):
             module.load_state_dict(ckpt[key])
         opt.load_state_dict(ckpt["opt"])
         state = ckpt["state"]
         log.info("resumed at step %d (%.1f training minutes)", state["step"], state["minutes"])
+        switch_objective(state, state.get("prediction", "epsilon"), args.prediction)
     elif (Path(args.out) / "learning_curve.json").exists():
         # A new machine has no .cache: continue from the committed weights (fresh optimiser moments, lr warm-up
         # again) and extend their learning curve.
@@ -97,6 +110,7 @@ def train(args: argparse.Namespace) -> None:
         state = {"step": last["step"], "minutes": last["minutes"], "curve": curve, "warm_start": last["step"],
                  "rng": np.random.default_rng(args.seed + last["step"]).bit_generator.state}
         log.info("warm start from %s at step %d (%.1f training minutes)", args.out, last["step"], last["minutes"])
+        switch_objective(state, committed.scheduler.config.prediction_type, args.prediction)
     rng = np.random.default_rng()
     rng.bit_generator.state = state["rng"]
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
@@ -106,17 +120,18 @@ def train(args: argparse.Namespace) -> None:
     def checkpoint() -> None:
         ema_model.unet.eval(), ema_model.text_encoder.eval()
         scores = evaluate(ema_model, n=args.eval_n, guidance=args.guidance)
-        state["curve"].append({"minutes": round(state["minutes"], 1), "step": state["step"], **scores})
+        state["curve"].append({"minutes": round(state["minutes"], 1), "step": state["step"],
+                               "prediction": args.prediction, **scores})
         log.info("step %d, %.1f min: %s", state["step"], state["minutes"], scores)
         state["rng"] = rng.bit_generator.state
-        STATE.parent.mkdir(parents=True, exist_ok=True)
-        tmp = STATE.with_suffix(".tmp")
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = state_file.with_suffix(".tmp")
         torch.save(
             {"unet": unet.state_dict(), "text": text_encoder.state_dict(), "ema_unet": ema_unet.state_dict(),
              "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "state": state},
             tmp,
         )
-        tmp.replace(STATE)
+        tmp.replace(state_file)
         micro.save(args.out, ema_unet, ema_text, tokenizer, scheduler)
         (Path(args.out) / "learning_curve.json").write_text(json.dumps(state["curve"], indent=1))
 
@@ -126,7 +141,8 @@ def train(args: argparse.Namespace) -> None:
     next_eval = time.time() + args.eval_every * 60
     bar = tqdm(desc="pretraining micro", unit="step", initial=state["step"])
     unet.train(), text_encoder.train()
-    while time.time() < end and not stop:
+    last_step = state["step"] + args.steps if args.steps else None
+    while time.time() < end and not stop and state["step"] != last_step:
         t0 = time.time()
         lr = args.lr * min(1.0, (state["step"] - state.get("warm_start", 0) + 1) / 500)
         for g in opt.param_groups:
@@ -143,8 +159,9 @@ def train(args: argparse.Namespace) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        with torch.no_grad():  # EMA with warm-up, so the random initial weights fade out within a few steps
-            decay = min(args.ema, (1 + state["step"]) / (10 + state["step"]))
+        with torch.no_grad():  # EMA warmed up from the (re)start, so earlier weights fade out within a few steps
+            since = state["step"] - state.get("warm_start", 0)
+            decay = min(args.ema, (1 + since) / (10 + since))
             torch._foreach_lerp_(ema_params, params, 1 - decay)
         state["step"] += 1
         state["minutes"] += (time.time() - t0) / 60
@@ -176,7 +193,9 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=["train", "check"])
     p.add_argument("--out", default=str(micro.WEIGHTS), help="weights folder (diffusers layout)")
+    p.add_argument("--state", default=".cache/micro/state.pt", help="training checkpoint (weights, EMA, optimiser)")
     p.add_argument("--minutes", type=float, default=60.0, help="wall-clock minutes to train in this call")
+    p.add_argument("--steps", type=int, default=None, help="stop after this many steps (whichever comes first)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.999)
@@ -185,6 +204,8 @@ def main() -> None:
     p.add_argument("--eval-every", type=float, default=10.0, help="minutes between learning-curve points")
     p.add_argument("--eval-n", type=int, default=256, help="held-out captions per evaluation")
     p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--prediction", choices=["v_prediction", "epsilon"], default="v_prediction",
+                   help="what the UNet predicts; the committed weights: epsilon to step 3242, then v")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 when sharing a busy machine)")
     args = p.parse_args()
     if args.threads:

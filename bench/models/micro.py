@@ -79,11 +79,11 @@ def build_unet(channels: tuple[int, ...] = (48, 96, 96), layers_per_block: int =
     )
 
 
-def build_scheduler() -> DDPMScheduler:
-    """v-prediction, because the cosine schedule's last steps have (almost) zero signal: there an epsilon model
-    cannot express a caption-dependent image mean, and the first version of this model (epsilon) drew the same
-    background whatever colour the caption named. "trailing" spacing lets sampling start at t = T."""
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+def build_scheduler(prediction: str = "v_prediction") -> DDPMScheduler:
+    """v-prediction by default, because the cosine schedule's last steps have (almost) zero signal: there an
+    epsilon model cannot express a caption-dependent image mean (trained with epsilon, this model drew the same
+    background whatever colour the caption named). "trailing" spacing lets sampling start at t = T."""
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=prediction,
                          timestep_spacing="trailing")
 
 

@@ -1,0 +1,32 @@
+"""The pretraining command: seeded, resumable from its checkpoint, switching prediction target on resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench import models
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def pretrain(tmp_path, *extra):
+    cmd = [sys.executable, "-m", "bench.micro", "train", "--out", str(tmp_path / "weights"),
+           "--state", str(tmp_path / "state.pt"), "--batch", "4", "--eval-n", "2", "--threads", "1", *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads((tmp_path / "weights" / "learning_curve.json").read_text())
+
+
+@pytest.mark.slow
+def test_pretraining_resumes_and_switches_target(tmp_path):
+    curve = pretrain(tmp_path, "--steps", "3", "--prediction", "epsilon")
+    assert [(p["step"], p["prediction"]) for p in curve] == [(3, "epsilon")]
+    assert models.load(tmp_path / "weights").scheduler.config.prediction_type == "epsilon"
+    curve = pretrain(tmp_path, "--steps", "2")  # resumes from state.pt, now under v-prediction
+    assert [(p["step"], p["prediction"]) for p in curve] == [(3, "epsilon"), (5, "v_prediction")]
+    model = models.load(tmp_path / "weights")
+    assert model.scheduler.config.prediction_type == "v_prediction"
+    assert {"background", "color", "shape", "size", "position", "prompt_fidelity"} <= set(curve[-1])
