@@ -144,6 +144,9 @@ def run_unit(cfg, config, task, unit, model, run_dir: Path, job_dir: Path) -> Pa
     unit_config = {k: v for k, v in config.items() if k not in VOLATILE}
     unit_config["task"] = {k: v for k, v in unit_config["task"].items() if k != "subjects"}
     unit_config["unit"] = unit
+    # what the path names can change (retrained weights, an edited dataset): part of the hash, so no stale skip
+    fingerprints = {"model": model_fingerprint(model), "dataset": task.fingerprint()}
+    unit_config["fingerprints"] = fingerprints
     config_hash = records.config_hash(unit_config)
     record_path = run_dir / "record.json"
     if record_path.exists():
@@ -160,7 +163,7 @@ def run_unit(cfg, config, task, unit, model, run_dir: Path, job_dir: Path) -> Pa
 
     # Before fine-tuning: the base model on the same requests, without any control (cached; it is the
     # leaderboard's baseline row).
-    base_key = key(model_fingerprint(model), task.fingerprint(), [(r.prompt, r.seed) for r in requests],
+    base_key = key(fingerprints["model"], fingerprints["dataset"], [(r.prompt, r.seed) for r in requests],
                    [(r.prompt, r.seed) for r in drift_requests], cfg.task.ddim_steps, cfg.task.guidance,
                    cfg.precision, str(device))
     base_images = cached(cache / "baseline" / f"{base_key}.pt", lambda: images_of(model, requests, cfg, device))
@@ -185,8 +188,8 @@ def run_unit(cfg, config, task, unit, model, run_dir: Path, job_dir: Path) -> Pa
                    "stored_params": summary["stored_params"], "adapter_bytes": 0, "lr": method_cfg.lr,
                    "lr_scale": cfg.task.lr_scale},
         "baseline": {"metrics": baseline.metrics},
-        "meta": {**records.environment(), "model_fingerprint": model_fingerprint(model),
-                 "dataset_fingerprint": task.fingerprint()},
+        "meta": {**records.environment(), "model_fingerprint": fingerprints["model"],
+                 "dataset_fingerprint": fingerprints["dataset"]},
     }
     records.write_record(run_dir, record)
     note_in_sweep(record_path)
