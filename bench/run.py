@@ -144,9 +144,9 @@ def run_unit(cfg, config, task, unit, model, run_dir: Path, job_dir: Path) -> Pa
     unit_config = {k: v for k, v in config.items() if k not in VOLATILE}
     unit_config["task"] = {k: v for k, v in unit_config["task"].items() if k != "subjects"}
     unit_config["unit"] = unit
-    # what the path names can change (retrained weights, an edited dataset): part of the hash, so no stale skip
+    # retrained weights under the same model.path must not be skipped as done: the weights are part of the hash
     fingerprints = {"model": model_fingerprint(model), "dataset": task.fingerprint()}
-    unit_config["fingerprints"] = fingerprints
+    unit_config["model"] = {**unit_config["model"], "fingerprint": fingerprints["model"]}
     config_hash = records.config_hash(unit_config)
     record_path = run_dir / "record.json"
     if record_path.exists():
