@@ -41,13 +41,14 @@ def generate(
         raise ValueError(f"prompts and seeds differ in length ({len(prompts)} vs {len(seeds)})")
     sampler = model.sampler()
     sampler.set_timesteps(steps)
+    empty = model.unconditional()
     out = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="sampling", disable=not progress, leave=False):
         part = slice(start, min(start + batch_size, len(prompts)))
         n = part.stop - part.start
         cond = model.encode_prompts(list(prompts[part]))
-        text = Prompts.cat([model.unconditional(n), cond])
+        text = Prompts.cat([empty[[0] * n], cond])
         latents = initial_noise(model, seeds[part]).to(model.device) * sampler.init_noise_sigma
         injected = contextlib.nullcontext()
         if controls is not None:

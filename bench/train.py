@@ -1,8 +1,8 @@
 """The fine-tuning loop: noise-prediction loss, prior preservation, the registry's optimiser, a NaN guard.
 
-loss = ‖ε − ε_θ(x_t, t, c)‖² (or the v target for v-prediction models) on instance images + prior_weight · the same on class images (DreamBooth's prior
-preservation), with x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε. The optimiser comes from `methods.optimizer`, so no method
-is special-cased here. Only adapter (and control-encoder) parameters train; the text encoder stays frozen, so
+loss = ‖ε − ε_θ(x_t, t, c)‖² (or the v target for v-prediction models) on instance images + prior_weight · the
+same on class images (DreamBooth's prior preservation), with x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε. The optimiser
+comes from `methods.optimizer`, so no method is special-cased here. Only adapter (and control-encoder) parameters train; the text encoder stays frozen, so
 each distinct prompt is encoded once.
 """
 
@@ -36,6 +36,10 @@ class Examples:
     def __getitem__(self, idx) -> Examples:
         return Examples(self.latents[idx], self.text[idx], None if self.control is None else self.control[idx])
 
+    def draw(self, rng: np.random.Generator, n: int) -> Examples:
+        """n examples drawn with replacement."""
+        return self[torch.from_numpy(rng.choice(len(self), size=n))]
+
     @staticmethod
     def cat(parts: list[Examples]) -> Examples:
         if len({p.control is None for p in parts}) > 1:
@@ -60,7 +64,8 @@ def encode_examples(model: Diffusion, images: torch.Tensor, prompts: list[str],
     return Examples(latents, text, None if control is None else control.to(model.device))
 
 
-def _noise_loss(model: Diffusion, batch: Examples, weights: torch.Tensor, encoder, gen: torch.Generator) -> torch.Tensor:
+def _noise_loss(model: Diffusion, batch: Examples, weights: torch.Tensor, encoder,
+                gen: torch.Generator) -> torch.Tensor:
     """Σ_i weights_i · ‖target_i − prediction_i‖² (mean over each example's elements), one UNet pass."""
     x0 = batch.latents
     noise = torch.randn(x0.shape, generator=gen).to(x0.device)
@@ -74,7 +79,7 @@ def _noise_loss(model: Diffusion, batch: Examples, weights: torch.Tensor, encode
 
 
 def prediction_target(model: Diffusion, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet predicts: ε for epsilon models (SD-1.5, micro), v = √ᾱ ε − √(1−ᾱ) x₀ for v-prediction ones."""
+    """What the UNet predicts: ε for epsilon models (SD-1.5), v = √ᾱ ε − √(1−ᾱ) x₀ for v-prediction ones (micro)."""
     if model.scheduler.config.prediction_type == "v_prediction":
         return model.scheduler.get_velocity(x0, noise, t)
     return noise
@@ -106,10 +111,10 @@ def finetune(
     t0 = time.perf_counter()
     for step in tqdm(range(steps), desc="fine-tuning", leave=False):
         # instance and class examples share one UNet pass: loss = mean(instance) + prior_weight · mean(class)
-        batch = instance[torch.from_numpy(rng.choice(len(instance), size=batch_size, replace=True))]
+        batch = instance.draw(rng, batch_size)
         weights = torch.full((batch_size,), 1 / batch_size)
         if prior is not None:
-            batch = Examples.cat([batch, prior[torch.from_numpy(rng.choice(len(prior), size=batch_size, replace=True))]])
+            batch = Examples.cat([batch, prior.draw(rng, batch_size)])
             weights = torch.cat([weights, torch.full((batch_size,), prior_weight / batch_size)])
         with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = _noise_loss(model, batch, weights, encoder, gen)

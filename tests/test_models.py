@@ -35,7 +35,7 @@ def test_tiny_sdxl_conditions_on_both_encoders_and_the_pooled_text(tiny_sdxl):
     assert m.text_encoder_2 is not None and m.zero_empty_prompt
     text = m.encode_prompts(["a photo of sks dog", "a red cat"])
     assert text.hidden.shape == (2, 16, 64) and text.pooled.shape == (2, 32)  # 32 + 32 channels side by side
-    empty = m.unconditional(2)
+    empty = m.unconditional()
     assert not empty.hidden.any() and not empty.pooled.any()
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 500])
     # the pooled embedding really reaches the UNet (through the time embedding), not only the token states

@@ -99,12 +99,13 @@ class Diffusion:
     def encode_prompts(self, prompts: list[str]) -> Prompts:
         return self.encode_text(prompts)
 
-    def unconditional(self, n: int) -> Prompts:
-        """The classifier-free-guidance branch: the empty prompt, or zeros where the model was trained so."""
+    def unconditional(self) -> Prompts:
+        """The classifier-free-guidance branch (one row): the empty prompt, or zeros where the model was trained
+        so."""
         empty = self.encode_prompts([""])
         if self.zero_empty_prompt:
             empty = Prompts(torch.zeros_like(empty.hidden), torch.zeros_like(empty.pooled))
-        return empty[[0] * n]
+        return empty
 
     def encode_text(self, prompts: list[str]) -> Prompts:
         """Token states of the text encoder (SD-1.5/2.1, micro: its last layer). SDXL: both encoders' penultimate
