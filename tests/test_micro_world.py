@@ -122,10 +122,33 @@ def test_subject_fidelity_tells_the_subject_from_a_plain_shape():
     good = subjects.render(s, prompt.background, 2)
     plain = world.render(world.Scene(prompt.background, (world.Obj(s.shape, s.main, "big", 2),)))
     wrong_place = subjects.render(s, "black", 2)
+    empty = world.render(world.Scene(prompt.background, ()))
     sg, sp = micro_metrics.score_image(good, s, prompt), micro_metrics.score_image(plain, s, prompt)
     assert sg["micro_subject_fidelity"] == 1.0 and sg["micro_prompt_fidelity"] == 1.0
-    assert sp["micro_subject_fidelity"] < 0.8
+    # No floor: a plain shape in the main colour or an empty background score 0, so "before" sits near 0.
+    assert sp["micro_subject_fidelity"] == 0.0
+    assert micro_metrics.score_image(empty, s, prompt)["micro_subject_fidelity"] == 0.0
     assert micro_metrics.score_image(wrong_place, s, prompt)["micro_prompt_fidelity"] == 0.0
+    # Half the pattern's accent pixels painted over: the score is the worse role's accuracy.
+    half = good.copy()
+    mask, accent, _ = subjects.subject_layers(s, "big", 2)
+    ys, xs = np.nonzero(accent)
+    keep = len(ys) // 2
+    half[ys[keep:], xs[keep:]] = world.COLORS[s.main]
+    score = micro_metrics.score_image(half, s, prompt)["micro_subject_fidelity"]
+    assert score == pytest.approx(keep / len(ys), abs=0.05)
+
+
+def test_prompt_fidelity_needs_the_subject_for_its_position_and_colour():
+    s = subjects.SUBJECTS["bullseye"]
+    top_left = next(p for p in subjects.eval_prompts(s) if p.position == 0 and p.background is None)
+    recolour = next(p for p in subjects.eval_prompts(s) if p.main and p.background is None)
+    plain = world.render(world.Scene("black", (world.Obj(s.shape, s.main, "big", 0),)))
+    assert micro_metrics.score_image(plain, s, top_left)["micro_prompt_fidelity"] == 0.0
+    assert micro_metrics.score_image(subjects.render(s, "black", 0), s, top_left)["micro_prompt_fidelity"] == 1.0
+    recoloured = subjects.render(s, "black", 4, main=recolour.main)
+    assert micro_metrics.score_image(recoloured, s, recolour)["micro_prompt_fidelity"] == 1.0
+    assert micro_metrics.score_image(subjects.render(s, "black", 4), s, recolour)["micro_prompt_fidelity"] == 0.0
 
 
 def test_diversity_and_drift():
