@@ -200,7 +200,7 @@ def run_unit(cfg, config, task, unit, model, run_dir: Path, job_dir: Path) -> Pa
         if method_cfg.name == "none":
             images, drift_adapted, train, sample_seconds = base_images, drift_base, None, 0.0
         else:
-            encoder = task.control_encoder(model.unet)
+            encoder = task.control_encoder(model)
             if encoder is not None:
                 record["method"]["extra_trainable"] = {"control_encoder": sum(p.numel() for p in encoder.parameters())}
             images, drift_adapted, train, sample_seconds = train_and_sample(

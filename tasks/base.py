@@ -58,8 +58,8 @@ class Task(Protocol):
     def score(self, unit: str, requests: list[Request], images: torch.Tensor,
               drift_base: torch.Tensor | None, drift_adapted: torch.Tensor | None) -> Scores: ...
 
-    def control_encoder(self, unet) -> "torch.nn.Module | None":
-        """A fresh control encoder for this UNet (controllable tasks), or None."""
+    def control_encoder(self, model) -> "torch.nn.Module | None":
+        """A fresh control encoder for this model (a `bench.models.Diffusion`; controllable tasks), or None."""
 
     def fingerprint(self) -> str:
         """A short hash of the data the task reads (recorded, so results on different data are not mixed)."""

@@ -36,9 +36,17 @@ class ControlEncoder(nn.Module):
 
     Strided convolutions bring the control image to the latent grid (micro: 32 -> 16; SD: 512 -> 64). The last
     convolution starts at zero, so attaching the encoder leaves the base model unchanged until it trains.
+
+    The features enter scaled by the noise level of the step being denoised, σ_t = √(1 − ᾱ_t) (`alphas_cumprod`
+    from the model's scheduler): the control stands in for the layout the noise has hidden and fades as the image
+    itself emerges. A hint of constant strength has to be wrong somewhere (too weak at high noise, where the
+    layout is decided, or distorting at low noise), and training then keeps it near zero.
+    Measured on micro seg2img (LoRA, 300 steps, control lr 1e-3, 64 test scenes; uncontrolled mIoU 24.1):
+    σ_t scaling and He-initialised body 49.2; either alone 27.8 (σ_t) / 23.7 (He); neither 24.2.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, downsample: int, width: int = 32):
+    def __init__(self, in_channels: int, out_channels: int, downsample: int, alphas_cumprod: torch.Tensor,
+                 width: int = 32):
         super().__init__()
         strides = [2] * int(np.log2(downsample))
         layers, c = [], in_channels
@@ -47,21 +55,38 @@ class ControlEncoder(nn.Module):
             layers += [nn.Conv2d(c, width, 3, stride=s, padding=1), nn.SiLU()]
             c = width
         self.body = nn.Sequential(*layers)
+        for conv in self.body[::2]:  # He init keeps the layout through seven layers (torch's default shrinks the
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")  # signal ~3x per layer, leaving the zero
+            nn.init.zeros_(conv.bias)  # output conv near-constant features to learn from)
         self.out = nn.Conv2d(width, out_channels, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        self.register_buffer("noise_level", (1 - alphas_cumprod.float()).sqrt(), persistent=False)
 
     def forward(self, control: torch.Tensor) -> torch.Tensor:
         return self.out(self.body(control))
 
     @contextlib.contextmanager
     def inject(self, unet: nn.Module, control: torch.Tensor):
-        """Within the block, every UNet forward adds encode(control) to conv_in's output."""
-        handle = unet.conv_in.register_forward_hook(lambda _m, _i, out: out + self(control.to(out.dtype)))
+        """Within the block, every UNet forward adds σ_t · encode(control) to conv_in's output (t: the timestep the
+        UNet is called with, one per example or one for the batch)."""
+        step = {}
+
+        def read_timestep(_m, args, kwargs):
+            t = kwargs["timestep"] if "timestep" in kwargs else args[1]
+            step["sigma"] = self.noise_level.to(control.device)[torch.as_tensor(t, device=control.device).long()]
+
+        def add_control(_m, _i, out):
+            sigma = step["sigma"].reshape(-1, 1, 1, 1).to(out.dtype)
+            return out + sigma * self(control.to(out.dtype))
+
+        handles = [unet.register_forward_pre_hook(read_timestep, with_kwargs=True),
+                   unet.conv_in.register_forward_hook(add_control)]
         try:
             yield
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,9 +225,10 @@ class MicroControllable:
     def drift_requests(self, seed: int) -> list[Request]:
         return []
 
-    def control_encoder(self, unet) -> ControlEncoder:
+    def control_encoder(self, model) -> ControlEncoder:
         c = self._control(self.test[0]).shape[0]
-        return ControlEncoder(c, unet.conv_in.out_channels, downsample=world.SIZE // unet.config.sample_size)
+        return ControlEncoder(c, model.unet.conv_in.out_channels, downsample=world.SIZE // model.unet.config.sample_size,
+                              alphas_cumprod=model.scheduler.alphas_cumprod)
 
     def score(self, unit, requests, images, drift_base, drift_adapted) -> Scores:
         arrays = [img.permute(1, 2, 0).numpy() for img in images]
@@ -380,9 +406,10 @@ class RealControllable:
     def drift_requests(self, seed: int) -> list[Request]:
         return []
 
-    def control_encoder(self, unet) -> ControlEncoder:
+    def control_encoder(self, model) -> ControlEncoder:
         c = self._example(self.test_files[0])[1].shape[0]
-        return ControlEncoder(c, unet.conv_in.out_channels, downsample=self.size // unet.config.sample_size)
+        return ControlEncoder(c, model.unet.conv_in.out_channels, downsample=self.size // model.unet.config.sample_size,
+                              alphas_cumprod=model.scheduler.alphas_cumprod)
 
     def score(self, unit, requests, images, drift_base, drift_adapted) -> Scores:
         from .metrics import METRICS

@@ -101,7 +101,7 @@ class MicroDreamBooth:
         info = {k: dataclasses.asdict(micro_metrics.METRICS[k]) for k in metrics}
         return Scores(metrics, rows, info)
 
-    def control_encoder(self, unet) -> None:
+    def control_encoder(self, model) -> None:
         return None
 
     def fingerprint(self) -> str:
@@ -233,7 +233,7 @@ class DreamBench:
         return [Request(p, _request_seed(seed, 9_000 + i, 0))
                 for i, p in enumerate(UNRELATED_PROMPTS[: self.cfg.drift_prompts])]
 
-    def control_encoder(self, unet) -> None:
+    def control_encoder(self, model) -> None:
         return None
 
     def scorers(self):

@@ -23,7 +23,8 @@ def test_control_encoder_starts_as_the_identity_and_reaches_the_unet():
     from bench.models.micro import build_unet
 
     unet = build_unet()
-    enc = ControlEncoder(5, unet.conv_in.out_channels, downsample=2)
+    alphas_cumprod = torch.linspace(0.999, 0.0, 1000)  # t = 0: noise level ~0.03; t = 999: 1
+    enc = ControlEncoder(5, unet.conv_in.out_channels, downsample=2, alphas_cumprod=alphas_cumprod)
     x, t, h = torch.randn(2, 12, 16, 16), torch.tensor([10, 500]), torch.randn(2, 4, 128)
     control = torch.rand(2, 5, 32, 32)
     with torch.no_grad():
@@ -35,6 +36,21 @@ def test_control_encoder_starts_as_the_identity_and_reaches_the_unet():
             changed = unet(x, t, encoder_hidden_states=h).sample
         after = unet(x, t, encoder_hidden_states=h).sample
     assert torch.equal(plain, same) and not torch.allclose(plain, changed) and torch.equal(plain, after)
+
+    # The features enter scaled by the noise level sqrt(1 - alphas_cumprod[t]) of each example's own timestep.
+    seen = []
+    with torch.no_grad(), enc.inject(unet, control):
+        # registered after the injection hook, so it records conv_in's output with the control added
+        handle = unet.conv_in.register_forward_hook(lambda _m, _i, out: seen.append(out))
+        unet(x, t, encoder_hidden_states=h)
+        unet(x, timestep=torch.tensor(999), encoder_hidden_states=h)  # one timestep for the batch, as a keyword
+    handle.remove()
+    feats = enc(control)
+    with torch.no_grad():
+        base = unet.conv_in(x)
+    sigma = (1 - alphas_cumprod[t]).sqrt()
+    torch.testing.assert_close(seen[0], base + sigma[:, None, None, None] * feats)
+    torch.testing.assert_close(seen[1], base + feats)
 
 
 @pytest.mark.parametrize("name, channels, metric", [("seg2img", 5, "micro_mIoU"), ("canny2img", 1, "micro_edge_F1"),
