@@ -30,3 +30,12 @@ def test_pretraining_resumes_and_switches_target(tmp_path):
     model = models.load(tmp_path / "weights")
     assert model.scheduler.config.prediction_type == "v_prediction"
     assert {"background", "color", "shape", "size", "position", "prompt_fidelity"} <= set(curve[-1])
+    # The check command reads those weights: overall accuracy, per object count, and the curve beside them.
+    cmd = [sys.executable, "-m", "bench.micro", "check", "--out", str(tmp_path / "weights"), "--eval-n", "6"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert report["captions"] == 6 and report["learning_curve"] == curve
+    counts = report["accuracy"]["by_object_count"]
+    assert sum(c["captions"] for c in counts.values()) == 6 and set(counts) <= {"1", "2", "3"}
+    assert all(0 <= c["shape"] <= 1 for c in counts.values())
