@@ -55,9 +55,11 @@ class ControlEncoder(nn.Module):
             layers += [nn.Conv2d(c, width, 3, stride=s, padding=1), nn.SiLU()]
             c = width
         self.body = nn.Sequential(*layers)
-        for conv in self.body[::2]:  # He init keeps the layout through seven layers (torch's default shrinks the
-            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")  # signal ~3x per layer, leaving the zero
-            nn.init.zeros_(conv.bias)  # output conv near-constant features to learn from)
+        # He init keeps the layout through seven layers; torch's default shrinks the signal ~3x per layer and left
+        # the zero-initialised output conv near-constant features (spatial std 0.0015) to learn from.
+        for conv in self.body[::2]:
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
         self.out = nn.Conv2d(width, out_channels, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
@@ -227,7 +229,8 @@ class MicroControllable:
 
     def control_encoder(self, model) -> ControlEncoder:
         c = self._control(self.test[0]).shape[0]
-        return ControlEncoder(c, model.unet.conv_in.out_channels, downsample=world.SIZE // model.unet.config.sample_size,
+        unet = model.unet
+        return ControlEncoder(c, unet.conv_in.out_channels, downsample=world.SIZE // unet.config.sample_size,
                               alphas_cumprod=model.scheduler.alphas_cumprod)
 
     def score(self, unit, requests, images, drift_base, drift_adapted) -> Scores:
@@ -408,7 +411,8 @@ class RealControllable:
 
     def control_encoder(self, model) -> ControlEncoder:
         c = self._example(self.test_files[0])[1].shape[0]
-        return ControlEncoder(c, model.unet.conv_in.out_channels, downsample=self.size // model.unet.config.sample_size,
+        unet = model.unet
+        return ControlEncoder(c, unet.conv_in.out_channels, downsample=self.size // unet.config.sample_size,
                               alphas_cumprod=model.scheduler.alphas_cumprod)
 
     def score(self, unit, requests, images, drift_base, drift_adapted) -> Scores:
