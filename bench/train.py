@@ -2,8 +2,8 @@
 
 loss = ‖ε − ε_θ(x_t, t, c)‖² (or the v target for v-prediction models) on instance images + prior_weight · the
 same on class images (DreamBooth's prior preservation), with x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε. The optimiser
-comes from `methods.optimizer`, so no method is special-cased here. Only adapter (and control-encoder) parameters train; the text encoder stays frozen, so
-each distinct prompt is encoded once.
+comes from `methods.optimizer`, so no method is special-cased here. Only adapter (and control-encoder)
+parameters train; the text encoder stays frozen, so each distinct prompt is encoded once.
 """
 
 from __future__ import annotations

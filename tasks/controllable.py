@@ -71,16 +71,18 @@ class ControlEncoder(nn.Module):
     @contextlib.contextmanager
     def inject(self, unet: nn.Module, control: torch.Tensor):
         """Within the block, every UNet forward adds σ_t · encode(control) to conv_in's output (t: the timestep the
-        UNet is called with, one per example or one for the batch)."""
+        UNet is called with, one per example or one for the batch). The control is encoded once per block: a
+        sampling loop calls the UNet once per denoising step with the same control."""
         step = {}
 
         def read_timestep(_m, args, kwargs):
             t = kwargs["timestep"] if "timestep" in kwargs else args[1]
-            step["sigma"] = self.noise_level.to(control.device)[torch.as_tensor(t, device=control.device).long()]
+            step["sigma"] = self.noise_level[torch.as_tensor(t, device=self.noise_level.device).long()]
 
         def add_control(_m, _i, out):
-            sigma = step["sigma"].reshape(-1, 1, 1, 1).to(out.dtype)
-            return out + sigma * self(control.to(out.dtype))
+            if "features" not in step:
+                step["features"] = self(control.to(out.dtype))
+            return out + step["sigma"].reshape(-1, 1, 1, 1).to(out.dtype) * step["features"]
 
         handles = [unet.register_forward_pre_hook(read_timestep, with_kwargs=True),
                    unet.conv_in.register_forward_hook(add_control)]

@@ -131,7 +131,7 @@ def test_subject_fidelity_tells_the_subject_from_a_plain_shape():
     assert micro_metrics.score_image(wrong_place, s, prompt)["micro_prompt_fidelity"] == 0.0
     # Half the pattern's accent pixels painted over: the score is the worse role's accuracy.
     half = good.copy()
-    mask, accent, _ = subjects.subject_layers(s, "big", 2)
+    _, accent, _ = subjects.subject_layers(s, "big", 2)
     ys, xs = np.nonzero(accent)
     keep = len(ys) // 2
     half[ys[keep:], xs[keep:]] = world.COLORS[s.main]
