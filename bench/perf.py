@@ -19,8 +19,8 @@ spread (min–max over repeats) kept in the JSON as the measurement's noise:
    with a dispatch mode until it is freed) plus what the call holds throughout: the input, the output gradient,
    and the module's parameters and buffers (frozen weight included, so that the frozen layer's figure is not 0).
 2. **A training step of the micro model** (`micro`): `bench.models.micro.build_unet()` (random weights), each
-   method attached to the default targets with its yaml's hyper-parameters and optimiser settings
-   (`methods.optimizer`); batch 16 of random 12×16×16 latents and 40×128 text states; forward, MSE loss, backward,
+   method attached as a micro run attaches it (`conf/model/micro.yaml`: its target modules, every method sized to
+   its parameter budget) with its yaml's optimiser settings (`methods.optimizer`); batch 16 of random 12×16×16 latents and 40×128 text states; forward, MSE loss, backward,
    optimiser step; time and peak memory relative to LoRA's.
 3. **Sampling with a merged adapter** (`sampling`): `bench.sample.generate` on `bench.models.load("micro")`
    (a few prompts, 10 DDIM steps) with a method attached, its parameters perturbed, then `methods.merge`d, against
@@ -61,6 +61,7 @@ import methods
 from methods.registry import available
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
+MICRO = yaml.safe_load((CONF.parent / "model" / "micro.yaml").read_text())
 PEFT = ("lora", "dora", "oft", "boft")
 INPUT_METHODS = ("lora", "oft", "boft")  # transform the input: can approach the frozen layer
 LAYER_TARGET = {"lora": 1.3, "oft": 1.3, "boft": 1.3, "dora": 2.0, "svd_scaling": 2.0, "soda": 2.0, "mobius": 2.0}
@@ -77,6 +78,13 @@ def method_conf(name: str) -> dict:
     conf = yaml.safe_load((CONF / f"{name}.yaml").read_text())
     conf["hparams"] = conf.get("hparams") or {}
     return conf
+
+
+def attach_micro(unet, name: str) -> dict:
+    """Attach a method to a micro UNet as a micro run does: the model's targets, sized to its budget."""
+    conf = method_conf(name)
+    return methods.attach(unet, name, MICRO["target_modules"], MICRO["method_budget"], conf.get("variant"),
+                          **conf["hparams"])
 
 
 def sync(device: torch.device) -> None:
@@ -401,7 +409,7 @@ def bench_micro(names: list[str], device, repeats: int, min_seconds: float, auto
     for name in dict.fromkeys([ref, *names]):
         conf = method_conf(name)
         unet = copy.deepcopy(base)
-        info = methods.attach(unet, name, variant=conf.get("variant"), **conf["hparams"])
+        info = attach_micro(unet, name)
         unet.train()
         opt = methods.optimizer(unet, lr=conf["lr"], weight_decay=conf.get("weight_decay", 0.0))
         params[name] = info["trainable_params"]
@@ -464,10 +472,9 @@ def bench_sampling(names: list[str], device, repeats: int, min_seconds: float, p
     base = models.load("micro", device=device)
     variants = {"base": base}
     for name in names:
-        conf = method_conf(name)
         for kind in ("merged", "attached"):
             model = copy.deepcopy(base)
-            methods.attach(model.unet, name, variant=conf.get("variant"), **conf["hparams"])
+            attach_micro(model.unet, name)
             _perturb(model.unet)
             if kind == "merged":
                 methods.merge(model.unet)

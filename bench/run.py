@@ -104,8 +104,12 @@ def run_job(cfg: DictConfig) -> list[Path]:
         model = models.load(cfg.model.path, device=device, name=cfg.model.name)
         units = task.units()
         if cfg.method.name != "none":  # validate the hyper-parameters before any work
-            attach_method(cfg, model)
+            info = attach_method(cfg, model)
             methods.detach(model.unet)
+            if info["budget"] is not None:  # say so: the budget, not method.hparams, chose the size
+                log.info("%s sized to method.budget=%d: %s, %d trainable parameters (method.budget=null: "
+                         "method.hparams' size)", info["method"], info["budget"], info["hparams"],
+                         info["trainable_params"])
     except (tasks.TaskError, models.ModelNotFound, methods.MethodError) as e:
         discard_empty(job_dir)
         raise UsageError(str(e)) from None

@@ -48,7 +48,7 @@ class MicroDreamBooth:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        names = list(cfg.subjects) if cfg.get("subjects") else list(subjects.SUBJECTS)
+        names = list(cfg.subjects) if cfg.get("subjects") else list(subjects.DEFAULT)
         try:
             self.subjects = {n: subjects.get(n) for n in names}
         except ValueError as e:

@@ -3,6 +3,8 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -42,8 +44,9 @@ def test_unknown_group_option_is_one_line_exit_2(args, field, tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["method=oft", "method.hparams.blocks=7"], "blocks"),
-    (["method=lora", "method.hparams.rank=0"], "rank"),
+    (["method=oft", "method.budget=null", "method.hparams.blocks=7"], "blocks"),
+    (["method=lora", "method.budget=null", "method.hparams.rank=0"], "rank"),
+    (["method=lora", "method.budget=1000"], "budget"),
     (["task.subjects=[nosuch]"], "task.subjects"),
     (["model.path=/does/not/exist"], "model.path"),
     (["task.root=/does/not/exist"], "task.root"),
@@ -56,6 +59,26 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(args, needle, tmp_path
     assert last.startswith("error: ") and needle in last, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("model, budget", [("micro", 135000), ("sd15", None)])
+def test_the_model_sets_the_targets_and_the_budget_every_method_is_sized_to(model, budget):
+    """micro: attention and resnet convolutions, every method sized to one budget; SD: attention, yaml sizes."""
+    from hydra import compose, initialize_config_dir
+
+    import methods
+    from bench.models.micro import build_unet
+    from bench.run import attach_method
+
+    with initialize_config_dir(str(Path(__file__).parents[1] / "conf"), version_base=None):
+        for name in methods.available():
+            cfg = compose("config", [f"method={name}", f"model={model}"])
+            assert cfg.method.budget == budget
+            info = attach_method(cfg, SimpleNamespace(unet=build_unet()))
+            convs = [n for n in info["layers"] if n.endswith(("conv1", "conv2"))]
+            assert bool(convs) == (model == "micro") and any(n.endswith("to_q") for n in info["layers"])
+            if budget and name not in ("soda", "svd_scaling"):  # the fixed-size methods sit below any budget
+                assert budget / 2 < info["trainable_params"] <= budget, (name, info["trainable_params"])
 
 
 def test_slurm_launcher_config_composes():

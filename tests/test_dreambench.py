@@ -36,7 +36,7 @@ def test_prompts_and_classes_are_read(world):
     classes, objects, live = read_prompts_and_classes(world["bench"] / "dataset" / "prompts_and_classes.txt")
     assert classes == {"dog": "dog", "backpack": "backpack"}
     assert objects[0] == "a {0} {1} in the jungle" and len(objects) == 3 and len(live) == 2
-    task = DreamBench(task_cfg(world["bench"]))
+    task = DreamBench(task_cfg(world["bench"], prior_preservation=True))
     assert task.units() == ["dog", "backpack"]
     per_prompt = task.cfg.images_per_prompt
     prompts = [r.prompt for r in task.eval_requests("dog", 0)]

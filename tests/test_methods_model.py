@@ -330,7 +330,8 @@ def test_every_method_yaml_on_a_diffusers_unet():
     from diffusers import UNet2DConditionModel
     from omegaconf import OmegaConf
 
-    configs = {p.stem: OmegaConf.load(p) for p in CONF.glob("*.yaml")}
+    sd15 = OmegaConf.load(CONF.parent / "model" / "sd15.yaml")  # the model a method's budget interpolates from
+    configs = {p.stem: OmegaConf.merge({"model": sd15}, OmegaConf.load(p)) for p in CONF.glob("*.yaml")}
     assert sorted(configs) == sorted(methods.available() + ["none"])
     assert all(c.name == stem for stem, c in configs.items())
 
