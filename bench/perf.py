@@ -20,8 +20,9 @@ spread (min–max over repeats) kept in the JSON as the measurement's noise:
    and the module's parameters and buffers (frozen weight included, so that the frozen layer's figure is not 0).
 2. **A training step of the micro model** (`micro`): `bench.models.micro.build_unet()` (random weights), each
    method attached as a micro run attaches it (`conf/model/micro.yaml`: its target modules, every method sized to
-   its parameter budget) with its yaml's optimiser settings (`methods.optimizer`); batch 16 of random 12×16×16 latents and 40×128 text states; forward, MSE loss, backward,
-   optimiser step; time and peak memory relative to LoRA's.
+   its parameter budget) with its yaml's optimiser settings (`methods.optimizer`); batch 16 of random 12×16×16
+   latents and 40×128 text states; forward, MSE loss, backward, optimiser step; time and peak memory relative to
+   LoRA's.
 3. **Sampling with a merged adapter** (`sampling`): `bench.sample.generate` on `bench.models.load("micro")`
    (a few prompts, 10 DDIM steps) with a method attached, its parameters perturbed, then `methods.merge`d, against
    the base model; and the same adapter left attached in eval mode (its cached merged weight).
