@@ -99,6 +99,19 @@ def test_parser_survives_noise():
     assert p.background == s.background and len(p.objects) == len(s.objects)
 
 
+def test_a_run_trains_the_first_subject_of_each_class_word_unless_told():
+    from omegaconf import OmegaConf
+
+    from tasks.dreambooth import MicroDreamBooth
+
+    first = {}
+    for s in subjects.SUBJECTS.values():
+        first.setdefault(s.shape, s.name)
+    assert subjects.DEFAULT == tuple(first.values())
+    assert MicroDreamBooth(OmegaConf.create({"subjects": None})).units() == list(subjects.DEFAULT)
+    assert MicroDreamBooth(OmegaConf.create({"subjects": ["split"]})).units() == ["split"]
+
+
 def test_subjects_are_new_and_have_families_of_prompts():
     assert len(subjects.SUBJECTS) >= 6
     tokens = {s.token for s in subjects.SUBJECTS.values()}
