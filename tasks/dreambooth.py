@@ -1,8 +1,8 @@
 """Subject-driven generation (DreamBooth; Ruiz et al., CVPR 2023) on micro subjects or a DreamBench folder.
 
 One adapter per subject, trained on the subject's reference images with the instance prompt
-"a <token> <class>" (DreamBench: "a photo of <token> <class>") and prior preservation on the class prompt; then
-every evaluation prompt is sampled `images_per_prompt` times with fixed seeds and scored:
+"a <token> <class>" (DreamBench: "a photo of <token> <class>"), with `task.prior_preservation` also on the class
+prompt's images; then every evaluation prompt is sampled `images_per_prompt` times with fixed seeds and scored:
 
 - micro: the parser's analogues (subject_fidelity ~ DINO/CLIP-I, prompt_fidelity ~ CLIP-T, diversity ~ LPIPS,
   drift), see `tasks.metrics.micro`;
