@@ -346,7 +346,7 @@ def low_rank_linear(x, weight, a, b, scale: float, bias=None, magnitude=None):
 
 # --- batched weight builds ---------------------------------------------------------------------------------------
 
-BATCH_MAX = 256 * 256  # layers up to this many weights build W' in one batch with their like (see WeightGroup)
+BATCH_MAX = 512 * 512  # layers up to this many weights build W' in one batch with their like (see WeightGroup)
 CALL_OVERHEAD = 2**24  # a layer's own parameter-side operations (Cayley, skew, ...: tens of small ops, forward and
 # backward), in multiply-adds: what the input side of a grouped small layer pays and its batched weight side does
 # not (about 0.4 ms on one CPU core; `bench.perf` measures both sides)

@@ -10,11 +10,11 @@ mixes coordinates 2^{i−1}·b apart and m = 1 + log2(d_in/b) factors make R den
 b·2^{m−1} dividing d_in. Without m > 1 this is OFT with block size b.
 
 Every factor mixes coordinates only within chunks of B = b·2^{m−1}, so R is block-diagonal with dense B×B blocks;
-the input side computes those blocks (the butterfly applied to an identity, B·d_in·b·m multiply-adds) and runs
-OFT's fused `rotated_linear` with them: one product with W Rᵀ forward, backward dx = dy W Rᵀ and the blocks'
-gradient from the activations (one block pass), never the weight gradient. When the blocks get wide (many
-factors: B above m NARROW-wide passes) it rotates x factor by factor instead. The cost estimate picks it or
-rebuilding W Rᵀ (factor by factor, index butterflies).
+both sides compute those blocks (the butterfly applied to an identity, B·d_in·b·m multiply-adds): the input side
+runs OFT's fused `rotated_linear` with them (one product with W Rᵀ forward, backward dx = dy W Rᵀ and the blocks'
+gradient from the activations, one block pass, never the weight gradient), the weight side builds W Rᵀ with one
+block product instead of m factor passes over W. When the blocks get wide (many factors: B above m NARROW-wide
+passes) both go factor by factor instead (index butterflies). The cost estimate picks the side.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ class BOFT(Adapter):
                                      persistent=False)
         self.chunk = b * 2 ** (m - 1)  # R is block-diagonal with chunk × chunk blocks
         self.dense = narrow(shape.d_in, self.chunk) <= m * narrow(shape.d_in, b)
-        self.build_cost = shape.d_out * m * narrow(shape.d_in, b)  # W Rᵀ factor by factor
+        # W Rᵀ: with the dense blocks, or factor by factor (building the blocks costs B rows, not d_out)
+        self.build_cost = shape.d_out * (narrow(shape.d_in, self.chunk) if self.dense else m * narrow(shape.d_in, b))
         if shape.kind == "linear":
             self.token_cost = narrow(shape.d_in, self.chunk) if self.dense else m * narrow(shape.d_in, b)
 
@@ -115,16 +116,23 @@ class BOFT(Adapter):
 
     @classmethod
     def batched_weights(cls, adapters, cache=None) -> torch.Tensor:
-        """W R(m, b)ᵀ."""
-        rs = cayley(skew(stack([a.Q for a in adapters]), adapters[0].hparams["block_size"]))
+        """W R(m, b)ᵀ: one block product with R's dense chunk blocks when they are narrow (`dense`), otherwise
+        factor by factor."""
+        first = adapters[0]
+        rs = cayley(skew(stack([a.Q for a in adapters]), first.hparams["block_size"]))
         w = stack_constant(adapters, lambda a: a.frozen_weight(), cache, "W")
-        return adapters[0].butterfly(w, transpose=True, rs=rs)
+        if first.dense:
+            return rotate_blocks(w, first.blocks(rs), transpose=True)
+        return first.butterfly(w, transpose=True, rs=rs)
 
-    def blocks(self) -> torch.Tensor:
-        """R's dense diagonal blocks (d_in/B, B, B), B = b·2^(m−1): block c is R restricted to chunk c."""
+    def blocks(self, rs: torch.Tensor | None = None) -> torch.Tensor:
+        """R's dense diagonal blocks (d_in/B, B, B), B = b·2^(m−1): block c is R restricted to chunk c. `rs`: as in
+        `butterfly`; several adapters' give (N, d_in/B, B, B)."""
         d, c = self.shape.d_in, self.chunk
         eye = torch.eye(c, device=self.Q.device, dtype=self.Q.dtype).repeat(1, d // c)  # e_j in every chunk
-        return self.butterfly(eye).reshape(c, d // c, c).transpose(0, 1)
+        if rs is not None and rs.dim() == 5:
+            eye = eye.expand(rs.shape[0], c, d)
+        return self.butterfly(eye, rs=rs).unflatten(-1, (d // c, c)).transpose(-2, -3)
 
     def input_cost(self, tokens: int, grad: bool) -> int:
         if not self.dense:

@@ -31,7 +31,6 @@ from methods.base import (
     block_options,
     block_size_of,
     cayley,
-    rotate_blocks,
     skew,
     stack,
     stack_constant,
@@ -43,10 +42,11 @@ EPS = 1e-12
 
 
 def boost(name: str):
-    """Register a Möbius variant: an nn.Module(blocks, b) mapping unit block vectors (..., blocks, b) to the sphere
-    (`forward(u, scale=None)`, the result times `scale` when given), the identity at initialisation, with a static
-    `count(blocks, b)` of its parameters, and optionally a classmethod `batched(boosts, u, scale)` applying several
-    at once (u stacked (N, ...), for `Mobius.batched_weights`)."""
+    """Register a Möbius variant: an nn.Module(blocks, b) mapping unit block vectors to the sphere, the identity at
+    initialisation, with a static `count(blocks, b)` of its parameters and a classmethod
+    `batched(boosts, u, scale, r)`: for the boosts of N layers, the boosted blocks times `scale`, rotated by `r`,
+    from u (N, blocks, b, rows) and scale (N, blocks, 1, rows) (block vectors as columns: broadcasting over b and
+    the block products run on contiguous rows), r (N, blocks, b, b) or None; returned as (N, rows, blocks, b)."""
 
     def wrap(cls):
         BOOSTS[name] = cls
@@ -67,44 +67,53 @@ class ConformalBoost(nn.Module):
     def count(blocks: int, b: int) -> int:
         return blocks * b
 
-    def forward(self, u: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """T_a(u), times `scale` (broadcast over the last dimension) if given."""
-        return self.transform(u, self.v, scale)
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """T_a(u) for unit block vectors u (rows, blocks, b)."""
+        return self.batched([self], u.permute(1, 2, 0).unsqueeze(0), torch.ones(()), None).squeeze(0)
 
     @classmethod
-    def batched(cls, boosts: list, u: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """Several boosts at once: u (N, ..., blocks, b), the i-th boost on u[i]."""
-        return cls.transform(u, stack([m.v for m in boosts]), scale)
+    def batched(cls, boosts: list, u: torch.Tensor, scale: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+        v = stack([m.v for m in boosts]).unsqueeze(-1)  # (N, blocks, b, 1)
+        a = v * (1 + (v * v).sum(-2, keepdim=True)).rsqrt()  # inside the unit ball, 0 at v = 0
+        return _RotatedBoost.apply(u, scale, a, r)
+
+
+class _RotatedBoost(torch.autograd.Function):
+    """out = scale · R T_a(u) per block (block vectors as columns): R T_a(u) = c R (u − a) − scale · R a with
+    c = scale (1 − ‖a‖²) / d and d = ‖u − a‖², so one block product V = R u of the frozen unit vectors and one
+    vector g = R a per block give out = c V − (c + scale) g: the weight-sized tensors are touched a few times, not
+    autograd's dozen.
+
+    Backward, with G the output gradient and e = G·(V − g) per vector (= ∂L/∂c):
+    h = −Σ_rows (c + scale) G,   dR = Σ_rows (c G) uᵀ + h aᵀ,
+    da = Rᵀ h + Σ_rows (2 e c / d) u − a Σ_rows 2 e (c + scale) / d    (from ∂d/∂a = −2 (u − a)).
+    u and scale are the frozen weight's (no gradient); r None: no rotation."""
 
     @staticmethod
-    def transform(u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        a = v * (1 + (v * v).sum(-1, keepdim=True)).rsqrt()  # inside the unit ball, 0 at v = 0
-        return _Boost.apply(u, a.unsqueeze(-3), scale)
-
-
-class _Boost(torch.autograd.Function):
-    """out = scale · T_a(u) = scale · ((1 − ‖a‖²)(u − a)/‖u − a‖² − a) for rows u (..., rows, blocks, b) and one a per
-    block (..., 1, blocks, b); differentiable in a only (u and scale are the frozen weight's). The gradient, written
-    out to touch the (rows, blocks, b) tensors a few times instead of autograd's dozen: with diff = u − a,
-    d = ‖diff‖², c = scale (1 − ‖a‖²)/d and G the output gradient, per row
-    ∂/∂a = −(c + scale) G + 2 (G·diff)/d · out, summed over the rows."""
-
-    @staticmethod
-    def forward(ctx, u, a, scale):
-        scale = torch.ones((), dtype=u.dtype, device=u.device) if scale is None else scale
-        diff = u - a
-        dist2 = torch.linalg.vector_norm(diff, dim=-1, keepdim=True).square_().clamp_min_(EPS)
-        c = scale * (1 - (a * a).sum(-1, keepdim=True)) / dist2
-        out = (diff * c).addcmul_(scale, a, value=-1)
-        ctx.save_for_backward(diff, dist2, c, scale, out)
-        return out
+    def forward(ctx, u, scale, a, r):
+        dist2 = (u - a).square_().sum(-2, keepdim=True).clamp_min_(EPS)
+        c = scale * (1 - (a * a).sum(-2, keepdim=True)) / dist2
+        v, g = (u, a) if r is None else (r @ u, r @ a)
+        out = torch.addcmul(c * v, g, c + scale, value=-1)
+        ctx.save_for_backward(u, scale, a, r, v, g, c, dist2)
+        return out.permute(0, 3, 1, 2).contiguous()  # (N, rows, blocks, b): rows of W'
 
     @staticmethod
     def backward(ctx, grad):
-        diff, dist2, c, scale, out = ctx.saved_tensors
-        along = (grad * diff).sum(-1, keepdim=True)  # G·diff per row and block
-        per_row = (out * (2 * along / dist2)).addcmul_(grad, c + scale, value=-1)
-        return None, per_row.sum(-3, keepdim=True), None
+        u, scale, a, r, v, g, c, dist2 = ctx.saved_tensors
+        grad = grad.permute(0, 2, 3, 1).contiguous()  # as u: (N, blocks, b, rows)
+        e = (grad * (v - g)).sum(-2, keepdim=True)
+        h = -grad @ (c + scale).mT
+        coef = 2 * e / dist2
+        da = u @ (coef * c).mT - a * (coef * (c + scale)).sum(-1, keepdim=True)
+        dr = None
+        if r is None:
+            da = da + h
+        else:
+            da = da + r.mT @ h
+            if ctx.needs_input_grad[3]:
+                dr = (c * grad) @ u.mT + h @ a.mT
+        return None, None, da, dr
 
 
 @register("mobius")
@@ -139,24 +148,23 @@ class Mobius(Adapter):
         return cayley(skew(self.Q, self.hparams["block_size"]))
 
     def unit_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """‖w_block‖ and w_block/‖w_block‖ of the frozen weight, (d_out, blocks, 1) and (d_out, blocks, b): constants,
-        computed once and again only when the frozen weight changes (its version, storage or dtype)."""
+        """‖w_block‖ and w_block/‖w_block‖ of the frozen weight, laid out as the boosts take them: (blocks, 1, d_out)
+        and (blocks, b, d_out). Constants, computed once and again only when the frozen weight changes (its version,
+        storage or dtype)."""
         w = self.frozen_weight()
         key = (self.base.weight._version, self.base.weight.data_ptr(), w.dtype)
         if self._units is None or self._units[0] != key:
             with torch.no_grad():
-                w = w.reshape(self.shape.d_out, self.hparams["blocks"], self.hparams["block_size"])
-                norm = w.norm(dim=-1, keepdim=True)
-                self._units = (key, norm, w / norm.clamp_min(EPS))
+                w = w.reshape(self.shape.d_out, self.hparams["blocks"], self.hparams["block_size"]).permute(1, 2, 0)
+                norm = w.norm(dim=-2, keepdim=True)
+                self._units = (key, norm, (w / norm.clamp_min(EPS)).contiguous())
         return self._units[1], self._units[2]
 
     @classmethod
     def batched_weights(cls, adapters, cache=None) -> torch.Tensor:
-        """Per block: ‖w‖ · R_i · T_{a_i}(w/‖w‖)."""
+        """Per block: ‖w‖ · T_{a_i}(w/‖w‖) · R_iᵀ."""
         norm = stack_constant(adapters, lambda a: a.unit_blocks()[0], cache, "norm")
         unit = stack_constant(adapters, lambda a: a.unit_blocks()[1], cache, "unit")
-        boosts = [a.boost for a in adapters]
-        batched = getattr(type(boosts[0]), "batched", None)
-        moved = batched(boosts, unit, norm) if batched else stack([m(u, n) for m, u, n in zip(boosts, unit, norm)])
         r = cayley(skew(stack([a.Q for a in adapters]), adapters[0].hparams["block_size"]))
-        return rotate_blocks(moved.flatten(-2), r, transpose=True)
+        moved = type(adapters[0].boost).batched([a.boost for a in adapters], unit, norm, r)
+        return moved.flatten(-2)

@@ -243,11 +243,12 @@ def peft_dense_butterfly(rotations: torch.Tensor, d: int, b: int) -> torch.Tenso
     return out
 
 
-@pytest.mark.parametrize("d,b,m", [(16, 2, 4), (32, 4, 3), (24, 2, 3), (72, 4, 2)])
+@pytest.mark.parametrize("d,b,m", [(16, 2, 4), (32, 4, 3), (24, 2, 3), (72, 4, 2), (512, 128, 3)])
 def test_butterfly_matches_the_dense_construction(d, b, m):
     torch.manual_seed(0)
     layer = nn.Linear(d, 5)
     adapter = methods.create("boft", layer, block_size=b, factors=m)
+    assert adapter.dense == (d != 512)  # W Rᵀ with R's chunk blocks; 512 chunks of 512: factor by factor
     perturb(adapter)
     dense = peft_dense_butterfly(adapter.rotations().detach(), d, b)
     assert (adapter.butterfly(torch.eye(d)) - dense).abs().max() <= 1e-5

@@ -14,6 +14,7 @@ from torch import nn
 import methods
 from bench import perf
 from methods.attach import RiemannianAdam
+from methods.base import skew
 
 FUSED = [("lora", {"rank": 3, "alpha": 6}), ("dora", {"rank": 3}), ("oft", {"blocks": 4}), ("oft", {"block_size": 2}),
          ("oft", {"block_size": 4, "cayley": "neumann"}), ("boft", {"block_size": 4, "factors": 2}),
@@ -125,6 +126,37 @@ def test_fused_input_side_under_bf16_autocast(name, hp):
         results[side] = [y.float().detach(), x.grad.clone(), *(p.grad for p in adapter.adapter_state().values())]
     for ours, reference in zip(results["input"], results["weight"]):
         assert (ours - reference).abs().max() <= 2e-2 * reference.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_mobius_fused_build_matches_autograd_through_the_formula(kind):
+    """Möbius's fused W' (one block product, hand-written backward) against the formula in plain autograd."""
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 10) if kind == "linear" else nn.Conv2d(4, 6, 3)
+    adapter = _perturbed("mobius", layer, block_size=6)
+    with torch.no_grad():
+        adapter.boost.v.mul_(4)  # a large boost: ‖a‖ near 1
+    n, b = adapter.hparams["blocks"], adapter.hparams["block_size"]
+    w = layer.weight.detach().reshape(layer.weight.shape[0], n, b)
+    cot = torch.randn(w.shape[0], n * b)
+
+    def reference():
+        v = adapter.boost.v
+        a = v / (1 + (v * v).sum(-1, keepdim=True)).sqrt()
+        norm = w.norm(dim=-1, keepdim=True)
+        u = w / norm
+        moved = (1 - (a * a).sum(-1, keepdim=True)) * (u - a) / (u - a).square().sum(-1, keepdim=True) - a
+        r = torch.linalg.solve(torch.eye(b) + skew(adapter.Q, b), torch.eye(b) - skew(adapter.Q, b), left=False)
+        return torch.einsum("onk,njk->onj", norm * moved, r).reshape(w.shape[0], -1)
+
+    results = []
+    for build in (lambda: adapter.adapted_weight(), reference):
+        adapter.zero_grad(set_to_none=True)
+        out = build()
+        (out * cot).sum().backward()
+        results.append([out.detach(), adapter.Q.grad.clone(), adapter.boost.v.grad.clone()])
+    for ours, theirs in zip(*results):
+        assert (ours - theirs).abs().max() <= 1e-5 * (1 + theirs.abs().max())
 
 
 def test_frozen_weight_made_trainable_still_gets_its_gradient():
