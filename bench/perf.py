@@ -25,7 +25,9 @@ spread (min–max over repeats) kept in the JSON as the measurement's noise:
    LoRA's.
 3. **Sampling with a merged adapter** (`sampling`): `bench.sample.generate` on `bench.models.load("micro")`
    (a few prompts, 10 DDIM steps) with a method attached, its parameters perturbed, then `methods.merge`d, against
-   the base model; and the same adapter left attached in eval mode (its cached merged weight).
+   the base model; and the same adapter left attached in eval mode (its cached merged weight). Each of these
+   measurements comes right after one of the base model, and its ratio is to that one (paired: on this shared
+   machine a 1 s call drifts by ±10% from one call to the next, and pairs nearly halve the ratios' spread).
 
 Targets (benchmarks, not tests; a missed one is marked ✗ in the Markdown): LoRA, OFT, BOFT ≤ 1.3× the frozen
 layer and DoRA, SVD scaling, SODA, Möbius ≤ 2.0× at ≥ 1024 tokens; OFT and BOFT ≤ 0.8× peft's time and ≤ 1.0×
@@ -47,7 +49,7 @@ import sys
 import time
 import warnings
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -180,24 +182,31 @@ def tensor_bytes(tensors) -> int:
 
 @dataclass
 class Timing:
-    """Per-repeat seconds of each variant, measured interleaved."""
+    """Per-repeat seconds of each variant, measured interleaved; `beside`: for a variant measured in pairs, the
+    reference's seconds measured right before each of its own."""
 
     seconds: dict[str, list[float]]
+    beside: dict[str, list[float]] = field(default_factory=dict)
 
     def median(self, name: str) -> float:
         return statistics.median(self.seconds[name])
 
     def ratio(self, name: str, ref: str) -> dict:
-        """Median over repeats of the per-repeat ratio, with its spread (min, max), and the ratio of the two
-        fastest measurements (`fastest`: the least disturbed ones, on a loaded machine)."""
-        ratios = [a / b for a, b in zip(self.seconds[name], self.seconds[ref])]
+        """Median over repeats of the per-repeat ratio (to the reference measured beside it when paired), with its
+        spread (min, max), and the ratio of the two fastest measurements (`fastest`: the least disturbed ones, on a
+        loaded machine)."""
+        refs = self.beside.get(name, self.seconds[ref])
+        ratios = [a / b for a, b in zip(self.seconds[name], refs)]
         return {"ratio": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
                 "fastest": min(self.seconds[name]) / min(self.seconds[ref])}
 
 
-def interleaved(steps: dict, repeats: int, device: torch.device, min_seconds: float, bar=None) -> Timing:
+def interleaved(steps: dict, repeats: int, device: torch.device, min_seconds: float, bar=None,
+                reference: str | None = None) -> Timing:
     """Time every callable in `steps` `repeats` times, in a shuffled order each repeat; one measurement runs a
-    callable enough times (at most 100) to last about `min_seconds`, and records the mean time of one call."""
+    callable enough times (at most 100) to last about `min_seconds`, and records the mean time of one call.
+    With `reference`, every other callable's measurement comes right after one of the reference (pairs: the
+    machine's drift between the two is smallest), at twice the cost."""
     iters = {}
     for k, step in steps.items():  # warm-up (allocator, first-call dispatch, lazy init), then a first timing
         step()
@@ -206,21 +215,28 @@ def interleaved(steps: dict, repeats: int, device: torch.device, min_seconds: fl
         step()
         sync(device)
         iters[k] = max(1, min(100, math.ceil(min_seconds / max(time.perf_counter() - t0, 1e-6))))
-    seconds: dict[str, list[float]] = {k: [] for k in steps}
+
+    def measure(k: str) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters[k]):
+            steps[k]()
+        sync(device)
+        if bar is not None:
+            bar.update()
+        return (time.perf_counter() - t0) / iters[k]
+
+    timing = Timing({k: [] for k in steps})
     rng = random.Random(0)
     for _ in range(repeats):
-        order = list(steps)
+        order = [k for k in steps if k != reference]
         rng.shuffle(order)
         for k in order:
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(iters[k]):
-                steps[k]()
-            sync(device)
-            seconds[k].append((time.perf_counter() - t0) / iters[k])
-            if bar is not None:
-                bar.update()
-    return Timing(seconds)
+            if reference is not None:
+                timing.seconds[reference].append(measure(reference))
+                timing.beside.setdefault(k, []).append(timing.seconds[reference][-1])
+            timing.seconds[k].append(measure(k))
+    return timing
 
 
 # --- 1. one adapted layer ----------------------------------------------------------------------------------------
@@ -483,8 +499,8 @@ def bench_sampling(names: list[str], device, repeats: int, min_seconds: float, p
             variants[f"{name}:{kind}"] = model
     calls = {k: (lambda m=m: generate(m, captions, seeds=range(len(captions)), steps=steps)) for k, m in
              variants.items()}
-    with tqdm(total=len(calls) * repeats, desc="sampling", unit="run", leave=False) as bar:
-        timing = interleaved(calls, repeats, device, min_seconds, bar)
+    with tqdm(total=2 * (len(calls) - 1) * repeats, desc="sampling", unit="run", leave=False) as bar:
+        timing = interleaved(calls, repeats, device, min_seconds, bar, reference="base")
     out = {"prompts": captions, "ddim_steps": steps, "repeats": repeats, "base_seconds": timing.median("base"),
            "methods": {}}
     for name in names:

@@ -264,3 +264,17 @@ def test_layer_memory_counts_what_the_call_holds():
     lora = perf.layer_memory(adapter, x, dy, None, torch.device("cpu"))
     assert lora["saved_bytes"] >= 4 * layer.weight.numel()
     assert lora["peak_bytes"] > frozen["peak_bytes"]
+
+
+def test_paired_timing_measures_the_reference_right_before_each_variant():
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in ("base", "a", "b")}
+    timing = perf.interleaved(steps, repeats=3, device=torch.device("cpu"), min_seconds=0.0, reference="base")
+    measured = calls[2 * len(steps):]  # after the warm-up (two calls each)
+    assert len(measured) == 3 * 2 * 2
+    assert measured[0::2] == ["base"] * 6 and sorted(measured[1::2]) == ["a"] * 3 + ["b"] * 3
+    assert len(timing.seconds["base"]) == 6 and len(timing.beside["a"]) == len(timing.seconds["a"]) == 3
+    # the ratio is to the reference measured beside each variant, not to the reference's other measurements
+    timing.seconds["a"], timing.beside["a"] = [2.0, 4.0, 6.0], [1.0, 2.0, 3.0]
+    timing.seconds["base"] = [1.0, 2.0, 3.0, 100.0, 100.0, 100.0]
+    assert timing.ratio("a", "base")["ratio"] == 2.0
