@@ -198,7 +198,7 @@ class Timing:
         refs = self.beside.get(name, self.seconds[ref])
         ratios = [a / b for a, b in zip(self.seconds[name], refs)]
         return {"ratio": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
-                "fastest": min(self.seconds[name]) / min(self.seconds[ref])}
+                "fastest": min(self.seconds[name]) / min(refs)}
 
 
 def interleaved(steps: dict, repeats: int, device: torch.device, min_seconds: float, bar=None,

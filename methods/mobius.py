@@ -103,7 +103,7 @@ class _RotatedBoost(torch.autograd.Function):
         u, scale, a, r, v, g, c, dist2 = ctx.saved_tensors
         grad = grad.permute(0, 2, 3, 1).contiguous()  # as u: (N, blocks, b, rows)
         e = (grad * (v - g)).sum(-2, keepdim=True)
-        h = -grad @ (c + scale).mT
+        h = -(grad @ (c + scale).mT)
         coef = 2 * e / dist2
         da = u @ (coef * c).mT - a * (coef * (c + scale)).sum(-1, keepdim=True)
         dr = None
