@@ -22,7 +22,7 @@ import geoopt
 import torch
 from torch import nn
 
-from methods.base import LayerShape, divisors, narrow, stack, stack_constant
+from methods.base import NARROW, LayerShape, divisors, narrow, stack, stack_constant
 from methods.registry import fail, register
 from methods.svd_scaling import SpectralShift
 
@@ -37,11 +37,22 @@ def default_factors(d: int) -> list[int]:
     return list(min(triples, key=lambda t: (sum(k * k for k in t), t)))
 
 
+def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a ⊗ b for square matrices, batched over leading dimensions (torch.kron would also multiply those)."""
+    n = a.shape[-1] * b.shape[-1]
+    return (a[..., :, None, :, None] * b[..., None, :, None, :]).reshape(*a.shape[:-2], n, n)
+
+
 def kron_apply(v: torch.Tensor, factors: list[torch.Tensor], transpose: bool = False) -> torch.Tensor:
     """v (K_1 ⊗ ⋯ ⊗ K_n) on the last dimension, or v (K_1 ⊗ ⋯ ⊗ K_n)ᵀ, one factor per reshaped axis, never the
-    dense product: axis j of v seen as (…, k_j, k_{j+1}⋯k_n) is multiplied by K_jᵀ from the left in one batched
-    product (no transposing copies), the last axis by K_n from the right. Batched: factors (N, k, k) apply their
-    i-th matrix to v[i] (v: (N, ..., d))."""
+    dense d × d product: axis j of v seen as (…, k_j, k_{j+1}⋯k_n) is multiplied by K_jᵀ from the left in one
+    batched product (no transposing copies), the last axis by K_n from the right. The last factors are multiplied
+    out while their Kronecker product is at most NARROW wide (a pass over v costs at least that much, so one such
+    pass on the last axis is cheaper than several narrower ones). Batched: factors (N, k, k) apply their i-th
+    matrix to v[i] (v: (N, ..., d))."""
+    factors = list(factors)
+    while len(factors) > 1 and factors[-2].shape[-1] * factors[-1].shape[-1] <= NARROW:
+        factors[-2:] = [kron(factors[-2], factors[-1])]
     sizes = [k.shape[-1] for k in factors]
     batched = factors[0].dim() == 3
     out = v.reshape(v.shape[0] if batched else 1, -1, v.shape[-1])  # (N, rows, d)
