@@ -269,12 +269,18 @@ def test_butterfly_mixes_everything_with_log_factors():
     assert butterfly_permutation(8, 2, 2).tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
 
 
-def test_kronecker_apply_matches_torch_kron():
-    ks = [torch.randn(2, 2), torch.randn(3, 3), torch.randn(4, 4)]
+# sizes: all multiplied out (2·3·4 ≤ 128); a wide slice product, then a narrow one (2·2·70); none merged (16·20 > 128)
+@pytest.mark.parametrize("sizes", [(2, 3, 4), (2, 2, 70), (4, 16, 20)])
+def test_kronecker_apply_matches_torch_kron(sizes):
+    torch.manual_seed(0)
+    ks = [torch.randn(k, k) / k**0.5 for k in sizes]
     dense = torch.kron(torch.kron(ks[0], ks[1]), ks[2])
-    x = torch.randn(5, 7, 24)
+    x = torch.randn(5, 7, dense.shape[0])
     assert (kron_apply(x, ks) - x @ dense).abs().max() <= 1e-4
     assert (kron_apply(x, ks, transpose=True) - x @ dense.T).abs().max() <= 1e-4
+    batched = [torch.stack([k, 2 * k]) for k in ks]  # factors (N, k, k): the i-th set applies to x[i]
+    out = kron_apply(x[:2], batched)
+    assert (out[0] - x[0] @ dense).abs().max() <= 1e-4 and (out[1] - 8 * x[1] @ dense).abs().max() <= 1e-3
 
 
 def test_soda_default_factors():
