@@ -130,7 +130,8 @@ def test_fused_input_side_under_bf16_autocast(name, hp):
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_mobius_fused_build_matches_autograd_through_the_formula(kind):
-    """Möbius's fused W' (one block product, hand-written backward) against the formula in plain autograd."""
+    """Möbius's fused W' (one block product, hand-written backward), and its boost alone, against the formula in
+    plain autograd."""
     torch.manual_seed(0)
     layer = nn.Linear(24, 10) if kind == "linear" else nn.Conv2d(4, 6, 3)
     adapter = _perturbed("mobius", layer, block_size=6)
@@ -141,11 +142,8 @@ def test_mobius_fused_build_matches_autograd_through_the_formula(kind):
     cot = torch.randn(w.shape[0], n * b)
 
     def reference():
-        v = adapter.boost.v
-        a = v / (1 + (v * v).sum(-1, keepdim=True)).sqrt()
         norm = w.norm(dim=-1, keepdim=True)
-        u = w / norm
-        moved = (1 - (a * a).sum(-1, keepdim=True)) * (u - a) / (u - a).square().sum(-1, keepdim=True) - a
+        moved = reference_boost(w / norm, adapter.boost.v)
         r = torch.linalg.solve(torch.eye(b) + skew(adapter.Q, b), torch.eye(b) - skew(adapter.Q, b), left=False)
         return torch.einsum("onk,njk->onj", norm * moved, r).reshape(w.shape[0], -1)
 
@@ -157,6 +155,19 @@ def test_mobius_fused_build_matches_autograd_through_the_formula(kind):
         results.append([out.detach(), adapter.Q.grad.clone(), adapter.boost.v.grad.clone()])
     for ours, theirs in zip(*results):
         assert (ours - theirs).abs().max() <= 1e-5 * (1 + theirs.abs().max())
+    # the boost alone (no rotation): ConformalBoost on unit rows (rows, blocks, b)
+    u = torch.nn.functional.normalize(w, dim=-1)
+    grads = []
+    for boost in (adapter.boost, lambda u: reference_boost(u, adapter.boost.v)):
+        adapter.boost.v.grad = None
+        (boost(u) * cot.view(u.shape)).sum().backward()
+        grads.append(adapter.boost.v.grad.clone())
+    assert (grads[0] - grads[1]).abs().max() <= 1e-5 * (1 + grads[1].abs().max())
+
+
+def reference_boost(u, v):
+    a = v / (1 + (v * v).sum(-1, keepdim=True)).sqrt()
+    return (1 - (a * a).sum(-1, keepdim=True)) * (u - a) / (u - a).square().sum(-1, keepdim=True) - a
 
 
 def test_frozen_weight_made_trainable_still_gets_its_gradient():
