@@ -5,8 +5,11 @@
     python -m bench.perf --device cuda --precision bf16
 
 Three measurements, each a ratio of two timings taken in the same process, interleaved (every repeat times every
-variant once, in a shuffled order) and summarised by the median over repeats of the per-repeat ratio, with the
-spread (min–max over repeats) kept in the JSON as the measurement's noise:
+variant once, in a shuffled order, each right after one measurement of its reference: the frozen layer, LoRA's step,
+the base model) and summarised by the median over repeats of the per-repeat ratio to the reference measured beside
+it, with the spread (min–max over repeats) kept in the JSON as the measurement's noise. Pairs, because on this
+shared 2-core machine one call differs from the next by ±10%: in a 24-pair sampling test they narrowed the ratios'
+interquartile range from 0.87–1.10 to 0.93–1.06.
 
 1. **One adapted layer** (`layer`): forward + backward of a Stable-Diffusion-1.5-shaped attention projection
    (d → d, d ∈ {320, 640, 1280}, tokens ∈ {4096, 1024, 256}; cross-attention keys/values 768 → d on 77 tokens;
@@ -25,9 +28,7 @@ spread (min–max over repeats) kept in the JSON as the measurement's noise:
    LoRA's.
 3. **Sampling with a merged adapter** (`sampling`): `bench.sample.generate` on `bench.models.load("micro")`
    (a few prompts, 10 DDIM steps) with a method attached, its parameters perturbed, then `methods.merge`d, against
-   the base model; and the same adapter left attached in eval mode (its cached merged weight). Each of these
-   measurements comes right after one of the base model, and its ratio is to that one (paired: on this shared
-   machine a 1 s call drifts by ±10% from one call to the next, and pairs nearly halve the ratios' spread).
+   the base model; and the same adapter left attached in eval mode (its cached merged weight).
 
 Targets (benchmarks, not tests; a missed one is marked ✗ in the Markdown): LoRA, OFT, BOFT ≤ 1.3× the frozen
 layer and DoRA, SVD scaling, SODA, Möbius ≤ 2.0× at ≥ 1024 tokens; OFT and BOFT ≤ 0.8× peft's time and ≤ 1.0×
@@ -182,31 +183,31 @@ def tensor_bytes(tensors) -> int:
 
 @dataclass
 class Timing:
-    """Per-repeat seconds of each variant, measured interleaved; `beside`: for a variant measured in pairs, the
-    reference's seconds measured right before each of its own."""
+    """Per-repeat seconds of each variant, measured interleaved; `beside` holds for every variant but the reference
+    the reference's seconds measured right before each of its own."""
 
     seconds: dict[str, list[float]]
+    reference: str
     beside: dict[str, list[float]] = field(default_factory=dict)
 
     def median(self, name: str) -> float:
         return statistics.median(self.seconds[name])
 
     def ratio(self, name: str, ref: str) -> dict:
-        """Median over repeats of the per-repeat ratio (to the reference measured beside it when paired), with its
+        """Median over repeats of the per-repeat ratio (to `reference`: the measurement beside it), with its
         spread (min, max), and the ratio of the two fastest measurements (`fastest`: the least disturbed ones, on a
         loaded machine)."""
-        refs = self.beside.get(name, self.seconds[ref])
+        refs = self.beside[name] if ref == self.reference and name in self.beside else self.seconds[ref]
         ratios = [a / b for a, b in zip(self.seconds[name], refs)]
         return {"ratio": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
                 "fastest": min(self.seconds[name]) / min(refs)}
 
 
-def interleaved(steps: dict, repeats: int, device: torch.device, min_seconds: float, bar=None,
-                reference: str | None = None) -> Timing:
-    """Time every callable in `steps` `repeats` times, in a shuffled order each repeat; one measurement runs a
-    callable enough times (at most 100) to last about `min_seconds`, and records the mean time of one call.
-    With `reference`, every other callable's measurement comes right after one of the reference (pairs: the
-    machine's drift between the two is smallest), at twice the cost."""
+def interleaved(steps: dict, reference: str, repeats: int, device: torch.device, min_seconds: float,
+                bar=None) -> Timing:
+    """Time every callable in `steps` but `reference` `repeats` times, in a shuffled order each repeat, each right
+    after a measurement of `reference` (pairs: the machine's drift between the two is smallest); one measurement runs
+    a callable enough times (at most 100) to last about `min_seconds`, and records the mean time of one call."""
     iters = {}
     for k, step in steps.items():  # warm-up (allocator, first-call dispatch, lazy init), then a first timing
         step()
@@ -226,15 +227,14 @@ def interleaved(steps: dict, repeats: int, device: torch.device, min_seconds: fl
             bar.update()
         return (time.perf_counter() - t0) / iters[k]
 
-    timing = Timing({k: [] for k in steps})
+    timing = Timing({k: [] for k in steps}, reference)
     rng = random.Random(0)
     for _ in range(repeats):
         order = [k for k in steps if k != reference]
         rng.shuffle(order)
         for k in order:
-            if reference is not None:
-                timing.seconds[reference].append(measure(reference))
-                timing.beside.setdefault(k, []).append(timing.seconds[reference][-1])
+            timing.seconds[reference].append(measure(reference))
+            timing.beside.setdefault(k, []).append(timing.seconds[reference][-1])
             timing.seconds[k].append(measure(k))
     return timing
 
@@ -357,7 +357,7 @@ def side_taken(module: nn.Module, x: torch.Tensor) -> str | None:
 def bench_layers(cases: list[Case], names: list[str], device, repeats: int, min_seconds: float, sides: bool,
                  autocast=None, create=None) -> list[dict]:
     rows = []
-    total = sum(len(layer_variants_count(names, sides)) for _ in cases) * repeats
+    total = sum(2 * (len(layer_variants_count(names, sides)) - 1) for _ in cases) * repeats
     bar = tqdm(total=total, desc="layers", unit="run", leave=False)
     for case in cases:
         bar.set_postfix_str(case.name)
@@ -366,7 +366,7 @@ def bench_layers(cases: list[Case], names: list[str], device, repeats: int, min_
         x = torch.randn(case.batch, case.tokens, case.d_in, generator=gen).to(device).requires_grad_()
         dy = torch.randn(case.batch, case.tokens, case.d_out, generator=gen).to(device)
         steps = {k: fwd_bwd(m, x, dy, autocast) for k, m in variants.items()}
-        timing = interleaved(steps, repeats, device, min_seconds, bar)
+        timing = interleaved(steps, "frozen", repeats, device, min_seconds, bar)
         memory = {k: layer_memory(m, x, dy, autocast, device) for k, m in variants.items()}
         row = {"case": asdict(case), "name": case.name, "targeted": case.targeted, "notes": notes, "variants": {}}
         for k, m in variants.items():
@@ -440,8 +440,8 @@ def bench_micro(names: list[str], device, repeats: int, min_seconds: float, auto
             opt.step()
 
         steps[name] = step
-    with tqdm(total=len(steps) * repeats, desc="micro step", unit="run", leave=False) as bar:
-        timing = interleaved(steps, repeats, device, min_seconds, bar)
+    with tqdm(total=2 * (len(steps) - 1) * repeats, desc="micro step", unit="run", leave=False) as bar:
+        timing = interleaved(steps, ref, repeats, device, min_seconds, bar)
     memory = {}
     for name, step in steps.items():
         with Peak(device) as peak:
@@ -500,7 +500,7 @@ def bench_sampling(names: list[str], device, repeats: int, min_seconds: float, p
     calls = {k: (lambda m=m: generate(m, captions, seeds=range(len(captions)), steps=steps)) for k, m in
              variants.items()}
     with tqdm(total=2 * (len(calls) - 1) * repeats, desc="sampling", unit="run", leave=False) as bar:
-        timing = interleaved(calls, repeats, device, min_seconds, bar, reference="base")
+        timing = interleaved(calls, "base", repeats, device, min_seconds, bar)
     out = {"prompts": captions, "ddim_steps": steps, "repeats": repeats, "base_seconds": timing.median("base"),
            "methods": {}}
     for name in names:
@@ -558,7 +558,8 @@ def markdown(result: dict) -> str:
         f"torch {env['torch']}, peft {env['peft']}",
         "",
         f"Command: `{result['command']}`. Ratios are medians over {result['repeats']} interleaved repeats of "
-        "per-repeat ratios (spreads in the JSON); ✗ marks a missed target.",
+        "per-repeat ratios, each to its reference measured right before it (spreads in the JSON); ✗ marks a missed "
+        "target.",
     ]
     if env.get("load_average"):
         lines.append(f"Load average at the start: {', '.join(f'{v:.2f}' for v in env['load_average'])}.")

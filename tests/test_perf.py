@@ -280,7 +280,7 @@ def test_layer_memory_counts_what_the_call_holds():
 def test_paired_timing_measures_the_reference_right_before_each_variant():
     calls = []
     steps = {name: (lambda name=name: calls.append(name)) for name in ("base", "a", "b")}
-    timing = perf.interleaved(steps, repeats=3, device=torch.device("cpu"), min_seconds=0.0, reference="base")
+    timing = perf.interleaved(steps, "base", repeats=3, device=torch.device("cpu"), min_seconds=0.0)
     measured = calls[2 * len(steps):]  # after the warm-up (two calls each)
     assert len(measured) == 3 * 2 * 2
     assert measured[0::2] == ["base"] * 6 and sorted(measured[1::2]) == ["a"] * 3 + ["b"] * 3
