@@ -236,6 +236,8 @@ def interleaved(steps: dict, reference: str, repeats: int, device: torch.device,
             timing.seconds[reference].append(measure(reference))
             timing.beside.setdefault(k, []).append(timing.seconds[reference][-1])
             timing.seconds[k].append(measure(k))
+        if not order:  # the reference alone (e.g. `--methods lora` on the micro step)
+            timing.seconds[reference].append(measure(reference))
     return timing
 
 

@@ -289,3 +289,5 @@ def test_paired_timing_measures_the_reference_right_before_each_variant():
     timing.seconds["a"], timing.beside["a"] = [2.0, 4.0, 6.0], [1.0, 2.0, 3.0]
     timing.seconds["base"] = [1.0, 2.0, 3.0, 100.0, 100.0, 100.0]
     assert timing.ratio("a", "base")["ratio"] == 2.0
+    alone = perf.interleaved({"base": steps["base"]}, "base", repeats=2, device=torch.device("cpu"), min_seconds=0.0)
+    assert len(alone.seconds["base"]) == 2 and alone.ratio("base", "base")["ratio"] == 1.0
