@@ -56,6 +56,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -65,7 +66,6 @@ import methods
 from methods.registry import available
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
-MICRO = yaml.safe_load((CONF.parent / "model" / "micro.yaml").read_text())
 PEFT = ("lora", "dora", "oft", "boft")
 INPUT_METHODS = ("lora", "oft", "boft")  # transform the input: can approach the frozen layer
 LAYER_TARGET = {"lora": 1.3, "oft": 1.3, "boft": 1.3, "dora": 2.0, "svd_scaling": 2.0, "soda": 2.0, "mobius": 2.0}
@@ -84,11 +84,17 @@ def method_conf(name: str) -> dict:
     return conf
 
 
-def attach_micro(unet, name: str) -> dict:
-    """Attach a method to a micro UNet as a micro run does: the model's targets, sized to its budget."""
-    conf = method_conf(name)
-    return methods.attach(unet, name, MICRO["target_modules"], MICRO["method_budget"], conf.get("variant"),
-                          **conf["hparams"])
+def attach_micro(unet, name: str) -> tuple[DictConfig, dict]:
+    """Attach a method to a micro UNet as a micro run does (`bench.run.attach_method` with the composed config of
+    `method=<name> model=micro`: the model's targets, every method sized to its budget); returns that config's method
+    group and the attach summary."""
+    from hydra import compose, initialize_config_dir
+
+    from bench.run import attach_method
+
+    with initialize_config_dir(str(CONF.parent), version_base=None):
+        cfg = compose("config", [f"method={name}", "model=micro"])
+    return cfg.method, attach_method(cfg, unet)
 
 
 def sync(device: torch.device) -> None:
@@ -426,11 +432,10 @@ def bench_micro(names: list[str], device, repeats: int, min_seconds: float, auto
     steps, params = {}, {}
     ref = "lora" if "lora" in names else names[0]
     for name in dict.fromkeys([ref, *names]):
-        conf = method_conf(name)
         unet = copy.deepcopy(base)
-        info = attach_micro(unet, name)
+        conf, info = attach_micro(unet, name)
         unet.train()
-        opt = methods.optimizer(unet, lr=conf["lr"], weight_decay=conf.get("weight_decay", 0.0))
+        opt = methods.optimizer(unet, lr=conf.lr, weight_decay=conf.weight_decay)
         params[name] = info["trainable_params"]
 
         def step(unet=unet, opt=opt):

@@ -104,7 +104,7 @@ def run_job(cfg: DictConfig) -> list[Path]:
         model = models.load(cfg.model.path, device=device, name=cfg.model.name)
         units = task.units()
         if cfg.method.name != "none":  # validate the hyper-parameters before any work
-            info = attach_method(cfg, model)
+            info = attach_method(cfg, model.unet)
             methods.detach(model.unet)
             if info["budget"] is not None:  # say so: the budget, not method.hparams, chose the size
                 log.info("%s sized to method.budget=%d: %s, %d trainable parameters (method.budget=null: "
@@ -119,12 +119,12 @@ def run_job(cfg: DictConfig) -> list[Path]:
     return paths
 
 
-def attach_method(cfg, model) -> dict:
+def attach_method(cfg, unet) -> dict:
     """Attach the configured method to the UNet's target modules; returns the registry's summary."""
     if cfg.method.name == "none":
         return {"method": "none", "variant": None, "hparams": {}, "trainable_params": 0, "stored_params": 0,
                 "budget": None}
-    return methods.attach(model.unet, cfg.method.name, target_modules=list(cfg.target_modules),
+    return methods.attach(unet, cfg.method.name, target_modules=list(cfg.target_modules),
                           budget=cfg.method.get("budget"), variant=cfg.method.get("variant"),
                           **OmegaConf.to_container(cfg.method.hparams))
 
@@ -178,7 +178,7 @@ def run_unit(cfg, config, task, unit, model, run_dir: Path, job_dir: Path) -> Pa
     prior = prior_examples(cfg, data, model, cache) if cfg.method.name != "none" else None
 
     method_cfg = cfg.method
-    summary = attach_method(cfg, model)
+    summary = attach_method(cfg, model.unet)
 
     created = now()
     record = {

@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -74,7 +73,7 @@ def test_the_model_sets_the_targets_and_the_budget_every_method_is_sized_to(mode
         for name in methods.available():
             cfg = compose("config", [f"method={name}", f"model={model}"])
             assert cfg.method.budget == budget
-            info = attach_method(cfg, SimpleNamespace(unet=build_unet()))
+            info = attach_method(cfg, build_unet())
             convs = [n for n in info["layers"] if n.endswith(("conv1", "conv2"))]
             assert bool(convs) == (model == "micro") and any(n.endswith("to_q") for n in info["layers"])
             if budget and name not in ("soda", "svd_scaling"):  # the fixed-size methods sit below any budget
