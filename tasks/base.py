@@ -16,6 +16,17 @@ class TaskError(ValueError):
     """Bad task input (missing folder, unreadable image, unknown subject): one line naming the field or file."""
 
 
+SPLITS = ("test", "validation")  # `task.split`: tuning runs on validation units, comparisons on test units
+
+
+def split_of(cfg) -> str:
+    """The task config's split, checked (`task.split`, default "test")."""
+    split = cfg.get("split", "test")
+    if split not in SPLITS:
+        raise TaskError(f"task.split: {split!r}; allowed: {', '.join(SPLITS)}")
+    return split
+
+
 @dataclasses.dataclass
 class TrainSet:
     images: torch.Tensor  # (N, 3, H, W) in [0, 1]
@@ -44,6 +55,7 @@ class Scores:
 class Task(Protocol):
     name: str
     dataset: str  # "micro", "dreambench", "ade20k", ...
+    objective: tuple[str, ...]  # metrics whose mean (oriented by higher_is_better) learning-rate tuning optimises
 
     def units(self) -> list[str]:
         """What gets its own adapter and record: DreamBooth subjects; ["all"] for controllable tasks."""

@@ -22,12 +22,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Request, Scores, TaskError, TrainSet
+from .base import Request, Scores, TaskError, TrainSet, split_of
 from .metrics import MetricInfo, register_metric
 from .metrics import control as control_metrics
 from .micro import parse, world
 
 KINDS = ("seg2img", "canny2img", "landmark2img")
+# What learning-rate tuning optimises per task (bench.tune): OFT Table 2's headline metric of each task.
+MICRO_OBJECTIVE = {"seg2img": ("micro_mIoU",), "canny2img": ("micro_edge_F1",), "landmark2img": ("micro_keypoint_error",)}
+REAL_OBJECTIVE = {"seg2img": ("mIoU",), "canny2img": ("edge_F1",), "landmark2img": ("landmark_error",)}
+
+
 SEG_CLASSES = 1 + len(world.SHAPES)  # background + one class per shape kind
 
 
@@ -207,9 +212,12 @@ class MicroControllable:
             raise TaskError(f"task.name: {cfg.name!r}; controllable tasks: {', '.join(KINDS)}")
         self.cfg = cfg
         self.name = cfg.name
-        # Train and test scenes come from separate seeded streams: the split is fixed by `task.split_seed`.
+        self.objective = MICRO_OBJECTIVE[cfg.name]
+        # Train, test and validation scenes come from separate seeded streams fixed by `task.split_seed`;
+        # `task.split=validation` evaluates on the validation scenes (learning-rate tuning), never on the test ones.
         self.train = micro_examples(cfg.name, cfg.train_size, seed=cfg.split_seed)
-        self.test = micro_examples(cfg.name, cfg.test_size, seed=cfg.split_seed + 1)
+        offset = 2 if split_of(cfg) == "validation" else 1
+        self.test = micro_examples(cfg.name, cfg.test_size, seed=cfg.split_seed + offset)
 
     def _control(self, ex) -> torch.Tensor:
         return torch.from_numpy(control_image(self.name, ex["seg"], ex["edges"], ex["points"]))
@@ -347,10 +355,15 @@ class RealControllable:
         if not root.is_dir() or not images:
             raise TaskError(f"task.root: {root} has no images/ folder with .jpg/.png files ({self.dataset} layout)")
         self.root, self.size = root, int(cfg.resolution)
+        self.objective = REAL_OBJECTIVE[cfg.name]
         self.captions = self._captions(root)
+        # One seeded permutation: test images first, then validation images (as many as test_size; learning-rate
+        # tuning evaluates on them with `task.split=validation`), then training images.
         order = np.random.default_rng(cfg.split_seed).permutation(len(images))
-        self.test_files = [images[i] for i in order[: cfg.test_size]]
-        self.train_files = [images[i] for i in order[cfg.test_size : cfg.test_size + cfg.train_size]]
+        n = cfg.test_size
+        held_out = order[:n] if split_of(cfg) == "test" else order[n : 2 * n]
+        self.test_files = [images[i] for i in held_out]
+        self.train_files = [images[i] for i in order[2 * n : 2 * n + cfg.train_size]]
         for f in self.test_files + self.train_files:  # a missing annotation is an error before any work
             self._annotation(f)
         self._cache: dict[Path, tuple] = {}

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import Request, Scores, TaskError, TrainSet
+from .base import Request, Scores, TaskError, TrainSet, split_of
 from .metrics import micro as micro_metrics
 from .micro import subjects, world
 
@@ -41,14 +41,18 @@ def _request_seed(seed: int, prompt_index: int, k: int) -> int:
 
 
 class MicroDreamBooth:
-    """DreamBooth on the micro subjects (tasks/micro/subjects.py)."""
+    """DreamBooth on the micro subjects (tasks/micro/subjects.py): `task.split=validation` trains the validation
+    subjects (for learning-rate tuning), `test` (default) the test subjects; the two never overlap."""
 
     name = "dreambooth"
     dataset = "micro"
+    objective = ("micro_subject_fidelity", "micro_prompt_fidelity")  # what tuning maximises (their mean)
 
     def __init__(self, cfg):
         self.cfg = cfg
-        names = list(cfg.subjects) if cfg.get("subjects") else list(subjects.DEFAULT)
+        split = split_of(cfg)
+        names = list(cfg.subjects) if cfg.get("subjects") else list(
+            subjects.VALIDATION if split == "validation" else subjects.DEFAULT)
         try:
             self.subjects = {n: subjects.get(n) for n in names}
         except ValueError as e:
@@ -170,6 +174,12 @@ def load_image(path: Path, size: int) -> torch.Tensor:
         raise TaskError(f"task.root: cannot read image {path}: {e}") from None
 
 
+def dreambench_split(names: list[str], split: str) -> list[str]:
+    """The fixed DreamBench subject split: every fifth subject in `prompts_and_classes.txt` order (the 1st, 6th,
+    11th, ...: 6 of the 30, objects and live subjects alike) is a validation subject, the rest are test subjects."""
+    return [n for i, n in enumerate(names) if (i % 5 == 0) == (split == "validation")]
+
+
 class DreamBench:
     """DreamBench (Ruiz et al., CVPR 2023) from `task.root`: dataset/<subject>/*.jpg + prompts_and_classes.txt.
 
@@ -180,6 +190,7 @@ class DreamBench:
 
     name = "dreambooth"
     dataset = "dreambench"
+    objective = ("dino", "clip_t")  # what tuning maximises (their mean)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -191,7 +202,8 @@ class DreamBench:
             raise TaskError(f"task.root: {root} is not a DreamBench folder (needs dataset/<subject>/*.jpg and "
                             "prompts_and_classes.txt)")
         classes, self.object_prompts, self.live_prompts = read_prompts_and_classes(listing)
-        names = list(cfg.subjects) if cfg.get("subjects") else [n for n in classes if (data / n).is_dir()]
+        present = [n for n in classes if (data / n).is_dir()]
+        names = list(cfg.subjects) if cfg.get("subjects") else dreambench_split(present, split_of(cfg))
         unknown = [n for n in names if n not in classes or not (data / n).is_dir()]
         if unknown:
             raise TaskError(f"task.subjects: unknown subject {unknown[0]!r}; DreamBench subjects under {data}: "
