@@ -99,36 +99,6 @@ def test_parser_survives_noise():
     assert p.background == s.background and len(p.objects) == len(s.objects)
 
 
-def test_a_run_trains_the_first_subject_of_each_class_word_unless_told():
-    from omegaconf import OmegaConf
-
-    from tasks.dreambooth import MicroDreamBooth
-
-    first = {}
-    for s in subjects.SUBJECTS.values():
-        first.setdefault(s.shape, s.name)
-    assert subjects.DEFAULT == tuple(first.values())
-    assert MicroDreamBooth(OmegaConf.create({"subjects": None})).units() == list(subjects.DEFAULT)
-    assert MicroDreamBooth(OmegaConf.create({"subjects": ["split"]})).units() == ["split"]
-
-
-def test_subjects_are_new_and_have_families_of_prompts():
-    assert len(subjects.SUBJECTS) >= 6
-    tokens = {s.token for s in subjects.SUBJECTS.values()}
-    assert len(tokens) == len(subjects.SUBJECTS) and tokens <= set(world.SUBJECT_TOKENS)
-    for s in subjects.SUBJECTS.values():
-        refs = subjects.reference_images(s)
-        assert refs.shape == (5, 32, 32, 3)
-        assert len({tuple(r[0, 0]) for r in refs}) == 5  # five backgrounds
-        # A subject is two-coloured, unlike every pretraining object.
-        obj_pixels = subjects.subject_layers(s, "big", 4)[0]
-        assert len({tuple(c) for c in refs[0][obj_pixels]}) == 2
-        prompts = subjects.eval_prompts(s)
-        assert len(prompts) >= 10 and {p.family for p in prompts} == {"context", "property"}
-        for p in prompts:
-            world.parse_caption(p.text)  # every prompt is in the vocabulary
-
-
 def test_subject_fidelity_tells_the_subject_from_a_plain_shape():
     s = subjects.SUBJECTS["checker"]
     prompt = subjects.eval_prompts(s)[0]
@@ -152,13 +122,13 @@ def test_subject_fidelity_tells_the_subject_from_a_plain_shape():
     assert score == pytest.approx(keep / len(ys), abs=0.05)
 
 
-def test_prompt_fidelity_needs_the_subject_for_its_position_and_colour():
+def test_prompt_fidelity_needs_the_subject_for_its_size_and_colour():
     s = subjects.SUBJECTS["bullseye"]
-    top_left = next(p for p in subjects.eval_prompts(s) if p.position == 0 and p.background is None)
+    small = next(p for p in subjects.eval_prompts(s) if p.kind == "size" and p.background is None)
     recolour = next(p for p in subjects.eval_prompts(s) if p.main and p.background is None)
-    plain = world.render(world.Scene("black", (world.Obj(s.shape, s.main, "big", 0),)))
-    assert micro_metrics.score_image(plain, s, top_left)["micro_prompt_fidelity"] == 0.0
-    assert micro_metrics.score_image(subjects.render(s, "black", 0), s, top_left)["micro_prompt_fidelity"] == 1.0
+    plain = world.render(world.Scene("black", (world.Obj(s.shape, s.main, "small", 0),)))
+    assert micro_metrics.score_image(plain, s, small)["micro_prompt_fidelity"] == 0.0
+    assert micro_metrics.score_image(subjects.render(s, "black", 0, "small"), s, small)["micro_prompt_fidelity"] == 1.0
     recoloured = subjects.render(s, "black", 4, main=recolour.main)
     assert micro_metrics.score_image(recoloured, s, recolour)["micro_prompt_fidelity"] == 1.0
     assert micro_metrics.score_image(subjects.render(s, "black", 4), s, recolour)["micro_prompt_fidelity"] == 0.0

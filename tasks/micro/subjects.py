@@ -2,12 +2,30 @@
 
 Pretraining scenes hold flat, single-coloured shapes. A subject is a two-colour pattern (a checkerboard, a
 bullseye, stripes, ...) on a known silhouette, so its class word ("square") is known to the base model and its
-identity (the pattern) is not. Each subject has an identifier token from `world.SUBJECT_TOKENS`, five reference
-images (varying background and position, always big), and ten evaluation prompts in DreamBench's two families:
-new context (background, position, another object) and changed property (size, main colour).
+identity (the pattern and its two colours) is not. The set is procedural -- 12 patterns x 4 silhouettes x ordered
+colour pairs -- and listed literally below (`TABLE`) so that it never changes under a reader: 28 subjects, 7 per
+class word, no two with the same (main, accent) colour pair, so every subject's identity is distinct.
+
+Identifiers. The committed micro text encoder has a fixed 42-entry vocabulary (`world.VOCAB` + 4 specials); the
+only entries pretraining never trained are the eight rare words `world.SUBJECT_TOKENS` (their embeddings are still
+at initialisation, norm ~0.2 vs ~0.5-0.9 for trained words; "photo", "of", "with", "image" are untrained too but
+are English words and are not used). Eight words cannot name 28 subjects one word each, so, as in DreamBooth
+(an identifier is "a sequence of 1-3 rare tokens"), the six original subjects keep their one-word identifiers and
+the 22 new ones get two-word sequences of rare words ("tyg sks"); every sequence is unique, and each adapter is
+trained on one subject only, so sharing a word between identifiers of different subjects does not leak.
+
+Splits: `VALIDATION` (4 subjects, one per class word: learning-rate tuning), `TEST` (the other 24: reported
+results), disjoint; `DEFAULT` (what a run trains when task.subjects is null) is 4 test subjects, one per class word.
+
+Each subject has five reference images (varying background and position, always big) and ten evaluation prompts in
+DreamBench's two families: new context (three backgrounds, another object, another object on a background) and
+changed property (small size, small size on a background, a new main colour, a new main colour on a background).
+Position prompts are not evaluated: the base model places objects at chance (position accuracy 0.17, chance 0.11),
+so they measured noise (issue 16; docs/micro-metrics.md).
 
 A pattern assigns every pixel of the silhouette one of two roles: role 0 takes the subject's main colour (which
-property prompts may change), role 1 its accent colour.
+property prompts may change), role 1 its accent colour. Patterns are offsets (dy, dx) in pixels from the object's
+centre, so a small subject shows the central part of its pattern.
 """
 
 from __future__ import annotations
@@ -19,15 +37,30 @@ import numpy as np
 
 from . import world
 
+PATTERNS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {  # (dy, dx) -> role-1 mask
+    "checker": lambda dy, dx: ((np.floor(dy / 2) + np.floor(dx / 2)) % 2) == 0,
+    "bullseye": lambda dy, dx: dy**2 + dx**2 <= 2.6**2,
+    "hstripes": lambda dy, dx: (np.floor(dy / 2) % 2) == 0,
+    "vstripes": lambda dy, dx: (np.floor(dx / 2) % 2) == 0,
+    "window": lambda dy, dx: (np.abs(dy) <= 1.0) | (np.abs(dx) <= 1.0),
+    "split": lambda dy, dx: dx > 0,
+    "dotted": lambda dy, dx: (np.abs(dy) <= 1.5) & (np.abs(dx) <= 1.5),
+    "diagonal": lambda dy, dx: (np.floor((dy + dx) / 3) % 2) == 0,
+    "ring": lambda dy, dx: (dy**2 + dx**2 >= 1.6**2) & (dy**2 + dx**2 <= 3.2**2),
+    "quadrants": lambda dy, dx: (dy < 0) != (dx < 0),
+    "tophalf": lambda dy, dx: dy < 0,
+    "saltire": lambda dy, dx: np.abs(np.abs(dy) - np.abs(dx)) <= 1.0,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Subject:
     name: str
-    token: str
+    token: str  # identifier: one rare word or a sequence of two ("tyg sks")
     shape: str  # the class word the base model knows
     main: str  # colour of role-0 pixels
     accent: str  # colour of role-1 pixels
-    pattern: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (dy, dx) offsets from the centre -> role 1 mask
+    pattern: str  # key of PATTERNS
     backgrounds: tuple[str, ...]  # reference-image backgrounds
 
     @property
@@ -44,26 +77,75 @@ def _offsets(center: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
     return ys - center[0], xs - center[1]
 
 
-SUBJECTS: dict[str, Subject] = {
-    s.name: s
-    for s in (
-        Subject("checker", "sks", "square", "red", "white",
-                lambda dy, dx: ((np.floor(dy / 2) + np.floor(dx / 2)) % 2) == 0, ("blue", "green", "black", "yellow", "purple")),
-        Subject("bullseye", "zwx", "circle", "blue", "yellow",
-                lambda dy, dx: dy**2 + dx**2 <= 2.6**2, ("white", "red", "green", "black", "orange")),
-        Subject("stripes", "qlo", "triangle", "green", "white",
-                lambda dy, dx: (np.floor(dy / 2) % 2) == 0, ("black", "blue", "purple", "red", "yellow")),
-        Subject("window", "vrd", "square", "orange", "black",
-                lambda dy, dx: (np.abs(dy) <= 1.0) | (np.abs(dx) <= 1.0), ("white", "blue", "green", "purple", "yellow")),
-        Subject("split", "kpt", "circle", "purple", "yellow",
-                lambda dy, dx: dx > 0, ("white", "green", "black", "orange", "blue")),
-        Subject("dotted", "mjb", "cross", "white", "red",
-                lambda dy, dx: (np.abs(dy) <= 1.5) & (np.abs(dx) <= 1.5), ("black", "blue", "green", "purple", "orange")),
-    )
+# name, identifier, class word, pattern, main colour, accent colour. The first six are the original subjects
+# (records and docs name them); the other 22 were drawn procedurally (patterns legible at both sizes on the
+# silhouette, colour pairs assigned so that pairs are unique and every colour is a main colour 3-4 times).
+TABLE = (
+    ("checker", "sks", "square", "checker", "red", "white"),
+    ("bullseye", "zwx", "circle", "bullseye", "blue", "yellow"),
+    ("stripes", "qlo", "triangle", "hstripes", "green", "white"),
+    ("window", "vrd", "square", "window", "orange", "black"),
+    ("split", "kpt", "circle", "split", "purple", "yellow"),
+    ("dotted", "mjb", "cross", "dotted", "white", "red"),
+    ("vstripes_square", "tyg sks", "square", "vstripes", "yellow", "green"),
+    ("diagonal_square", "tyg zwx", "square", "diagonal", "black", "blue"),
+    ("quadrants_square", "tyg qlo", "square", "quadrants", "red", "purple"),
+    ("saltire_square", "tyg vrd", "square", "saltire", "green", "orange"),
+    ("ring_square", "tyg kpt", "square", "ring", "blue", "red"),
+    ("ring_circle", "tyg mjb", "circle", "ring", "yellow", "blue"),
+    ("checker_circle", "fhu sks", "circle", "checker", "purple", "green"),
+    ("quadrants_circle", "fhu zwx", "circle", "quadrants", "orange", "purple"),
+    ("hstripes_circle", "fhu qlo", "circle", "hstripes", "white", "orange"),
+    ("saltire_circle", "fhu vrd", "circle", "saltire", "black", "red"),
+    ("checker_triangle", "fhu kpt", "triangle", "checker", "red", "black"),
+    ("split_triangle", "fhu mjb", "triangle", "split", "green", "blue"),
+    ("dotted_triangle", "sks tyg", "triangle", "dotted", "blue", "green"),
+    ("vstripes_triangle", "zwx tyg", "triangle", "vstripes", "yellow", "purple"),
+    ("bullseye_triangle", "qlo tyg", "triangle", "bullseye", "purple", "orange"),
+    ("diagonal_triangle", "vrd tyg", "triangle", "diagonal", "orange", "yellow"),
+    ("hstripes_cross", "kpt tyg", "cross", "hstripes", "white", "black"),
+    ("checker_cross", "mjb tyg", "cross", "checker", "black", "white"),
+    ("split_cross", "sks fhu", "cross", "split", "red", "green"),
+    ("saltire_cross", "zwx fhu", "cross", "saltire", "green", "red"),
+    ("tophalf_cross", "qlo fhu", "cross", "tophalf", "blue", "purple"),
+    ("bullseye_cross", "vrd fhu", "cross", "bullseye", "yellow", "orange"),
+)
+# The six originals' reference backgrounds (kept: their records were trained on them); the rest rotate through the
+# six colours that are neither main nor accent.
+_ORIGINAL_BACKGROUNDS = {
+    "checker": ("blue", "green", "black", "yellow", "purple"),
+    "bullseye": ("white", "red", "green", "black", "orange"),
+    "stripes": ("black", "blue", "purple", "red", "yellow"),
+    "window": ("white", "blue", "green", "purple", "yellow"),
+    "split": ("white", "green", "black", "orange", "blue"),
+    "dotted": ("black", "blue", "green", "purple", "orange"),
 }
 
-# The subjects a run trains when `task.subjects` is null: the first of each class word. Four subjects x three methods
-# is what the main sweep (`python -m bench -m method=mobius,oft,lora task=dreambooth`) fits in 10 minutes on 2 cores.
+
+def _free_colours(main: str, accent: str) -> list[str]:
+    return [c for c in world.COLORS if c not in (main, accent)]
+
+
+def _backgrounds(index: int, name: str, main: str, accent: str) -> tuple[str, ...]:
+    if name in _ORIGINAL_BACKGROUNDS:
+        return _ORIGINAL_BACKGROUNDS[name]
+    free = _free_colours(main, accent)
+    k = index % len(free)
+    return tuple((free[k:] + free[:k])[:5])
+
+
+SUBJECTS: dict[str, Subject] = {
+    name: Subject(name, token, shape, main, accent, pattern, _backgrounds(i, name, main, accent))
+    for i, (name, token, shape, pattern, main, accent) in enumerate(TABLE)
+}
+
+# Learning-rate tuning uses VALIDATION only; reported results use TEST. One validation subject per class word.
+VALIDATION = ("ring_square", "saltire_circle", "diagonal_triangle", "bullseye_cross")
+TEST = tuple(n for n in SUBJECTS if n not in VALIDATION)
+
+# The subjects a run trains when `task.subjects` is null: the first test subject of each class word. Four subjects x
+# three methods is what the main sweep (`python -m bench -m method=mobius,oft,lora task=dreambooth`) fits in 10
+# minutes on 2 cores.
 DEFAULT = ("checker", "bullseye", "stripes", "dotted")
 
 REFERENCE_POSITIONS = (4, 0, 8, 2, 6)  # centre, then the four corners
@@ -73,7 +155,7 @@ def subject_layers(subject: Subject, size: str, position: int, main: str | None 
     """(mask, role-1 mask, colours) of the subject drawn at a grid cell; `main` overrides the main colour."""
     obj = world.Obj(subject.shape, main or subject.main, size, position)
     mask = world.object_mask(obj)
-    accent = mask & subject.pattern(*_offsets(obj.center))
+    accent = mask & PATTERNS[subject.pattern](*_offsets(obj.center))
     return mask, accent, (world.COLORS[main or subject.main], world.COLORS[subject.accent])
 
 
@@ -95,37 +177,49 @@ def reference_images(subject: Subject) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class EvalPrompt:
     text: str
-    family: str  # "context" | "property"
+    family: str  # "context" | "property" (DreamBench's two families)
+    kind: str = "background"  # "background" | "object" | "size" | "color": what the prompt changes
     background: str | None = None
-    position: int | None = None
+    position: int | None = None  # no evaluation prompt asks for a position (the base model cannot follow it)
     size: str = "big"
     main: str | None = None  # changed main colour
     other: world.Obj | None = None  # another object the prompt asks for (its position left open)
 
 
 def eval_prompts(subject: Subject) -> list[EvalPrompt]:
-    """Ten prompts: six new contexts, four property changes (DreamBench's families, micro-sized)."""
-    used = {subject.main, subject.accent}
-    free = [c for c in world.COLORS if c not in used]  # colours that cannot be confused with the pattern
-    bg1, bg2, bg3, c1, c2, c3 = (free * 2)[:6]
+    """Ten prompts: six new contexts, four property changes (DreamBench's families, micro-sized), all of a kind the
+    base model follows (backgrounds, sizes, colours, other objects); colours never clash with the subject's."""
+    free = _free_colours(subject.main, subject.accent)
+    bg1, bg2, bg3, c1, c2, c3 = free  # six colours that cannot be confused with the pattern
     s, tok = subject.shape, subject.token
-    other_shape = next(x for x in world.SHAPES if x != s)
-    other = world.Obj(other_shape, c3, "small", 0)
+    o1, o2, o3 = [x for x in world.SHAPES if x != s]
     return [
-        EvalPrompt(f"a {tok} {s} on a {bg1} background", "context", background=bg1),
-        EvalPrompt(f"a {tok} {s} on a {bg2} background", "context", background=bg2),
-        EvalPrompt(f"a {tok} {s} in the top left", "context", position=0),
-        EvalPrompt(f"a {tok} {s} in the bottom right on a {bg3} background", "context", background=bg3, position=8),
-        EvalPrompt(f"a {tok} {s} in the center on a {bg1} background", "context", background=bg1, position=4),
-        EvalPrompt(f"a {tok} {s} and a small {c3} {other_shape}", "context", other=other),
-        EvalPrompt(f"a small {tok} {s}", "property", size="small"),
-        EvalPrompt(f"a small {tok} {s} on a {bg2} background", "property", background=bg2, size="small"),
-        EvalPrompt(f"a {c1} {tok} {s}", "property", main=c1),
-        EvalPrompt(f"a {c2} {tok} {s} on a {bg3} background", "property", background=bg3, main=c2),
+        EvalPrompt(f"a {tok} {s} on a {bg1} background", "context", "background", background=bg1),
+        EvalPrompt(f"a {tok} {s} on a {bg2} background", "context", "background", background=bg2),
+        EvalPrompt(f"a {tok} {s} on a {bg3} background", "context", "background", background=bg3),
+        EvalPrompt(f"a {tok} {s} and a small {c3} {o1}", "context", "object", other=world.Obj(o1, c3, "small", 8)),
+        EvalPrompt(f"a {tok} {s} and a small {c1} {o2} on a {bg1} background", "context", "object", background=bg1,
+                   other=world.Obj(o2, c1, "small", 8)),
+        EvalPrompt(f"a {tok} {s} and a small {c3} {o3} on a {bg3} background", "context", "object", background=bg3,
+                   other=world.Obj(o3, c3, "small", 8)),
+        EvalPrompt(f"a small {tok} {s}", "property", "size", size="small"),
+        EvalPrompt(f"a small {tok} {s} on a {bg2} background", "property", "size", background=bg2, size="small"),
+        EvalPrompt(f"a {c1} {tok} {s}", "property", "color", main=c1),
+        EvalPrompt(f"a {c2} {tok} {s} on a {bg3} background", "property", "color", background=bg3, main=c2),
     ]
+
+
+def render_prompt(subject: Subject, prompt: EvalPrompt, position: int = 0) -> np.ndarray:
+    """The exact render of an evaluation prompt: the subject as asked at `position` (default: top left, clear of
+    the other object, which sits bottom right); an unnamed background is the first reference background that
+    differs from the asked main colour."""
+    background = prompt.background or next(b for b in subject.backgrounds if b != prompt.main)
+    others = (prompt.other,) if prompt.other is not None else ()
+    return render(subject, background, position, prompt.size, prompt.main, others)
 
 
 def get(name: str) -> Subject:
     if name not in SUBJECTS:
-        raise ValueError(f"task.subjects: unknown subject {name!r}; micro subjects: {', '.join(SUBJECTS)}")
+        raise ValueError(f"task.subjects: unknown subject {name!r}; micro subjects: {', '.join(SUBJECTS)} "
+                         f"(validation: {', '.join(VALIDATION)})")
     return SUBJECTS[name]

@@ -162,7 +162,7 @@ def caption(scene: Scene, rng: np.random.Generator | None = None, omit_prob: flo
 
 def parse_caption(text: str) -> dict:
     """Read a caption of the grammar back into attributes: {'background': str|None, 'objects': [ {size, color,
-    shape, position} with None for what the caption leaves open ], 'subject': token|None}.
+    shape, position} with None for what the caption leaves open ], 'subject': identifier|None}.
 
     Raises ValueError naming the first word outside the vocabulary.
     """
@@ -175,8 +175,8 @@ def parse_caption(text: str) -> dict:
     i = 0
     while i < len(words):
         w = words[i]
-        if w in SUBJECT_TOKENS:
-            out["subject"] = w
+        if w in SUBJECT_TOKENS:  # an identifier is one rare word or a sequence of them ("tyg sks")
+            out["subject"] = f"{out['subject']} {w}" if i and words[i - 1] in SUBJECT_TOKENS else w
         elif w in SIZES or (w in COLORS and not (i + 1 < len(words) and words[i + 1] == "background")):
             if current is None or current.get("shape"):
                 current = {"size": None, "color": None, "shape": None, "position": None}
