@@ -7,12 +7,11 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+from . import CONF
 GROUPS = ("method", "task", "model", "logger", "experiment")
 
 
@@ -33,11 +32,11 @@ def check_group_overrides(argv: list[str]) -> str | None:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float:
     from .run import UsageError, run_job
 
     try:
-        run_job(cfg)
+        return run_job(cfg)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

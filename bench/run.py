@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import hashlib
 import logging
+import math
 import os
 import shutil
 import time
@@ -29,14 +30,14 @@ import tasks
 from results import record as records
 
 from . import logger as loggers
-from . import models
+from . import models, tune
 from .memory import PeakMemory
 from .sample import generate
 from .train import Diverged, encode_examples, finetune
 
 log = logging.getLogger(__name__)
 SWEEP_MANIFEST = "PEFTBENCH_SWEEP_MANIFEST"  # set by bench.callbacks: a file listing the records a sweep touched
-VOLATILE = ("logger", "sweep_name", "cache_dir")  # config keys that do not change a run's result
+VOLATILE = ("logger", "sweep_name", "cache_dir", "tuned_lrs", "lr_source", "tune")  # keys that do not change a result
 
 
 class UsageError(ValueError):
@@ -92,10 +93,10 @@ def model_fingerprint(model: models.Diffusion) -> str:
     return h.hexdigest()[:16]
 
 
-def run_job(cfg: DictConfig) -> list[Path]:
-    """Run every unit of the task for this job's method and seed; returns the record paths."""
-    config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
-    job_dir = Path(HydraConfig.get().runtime.output_dir)
+def run_job(cfg: DictConfig, job_dir: Path | None = None) -> float:
+    """Run every unit of the task for this job's method and seed (with `tune.enabled`: the method's learning-rate
+    study on the task's validation units); returns the objective, the mean over units (what sweepers optimise)."""
+    job_dir = Path(job_dir or HydraConfig.get().runtime.output_dir)
     try:
         task = tasks.create(cfg.task)
         if cfg.method.name != "none" and cfg.method.name not in methods.available():
@@ -113,10 +114,21 @@ def run_job(cfg: DictConfig) -> list[Path]:
     except (tasks.TaskError, models.ModelNotFound, methods.MethodError) as e:
         discard_empty(job_dir)
         raise UsageError(str(e)) from None
-    paths = []
-    for unit in units:
-        paths.append(run_unit(cfg, config, task, unit, model, job_dir / unit, job_dir))
-    return paths
+    fingerprint = model_fingerprint(model)
+
+    def unit_record(unit_cfg: DictConfig, unit: str, run_dir: Path) -> dict:
+        config = {k: v for k, v in OmegaConf.to_container(unit_cfg, resolve=True).items() if k != "hydra"}
+        return records.read_record(run_unit(unit_cfg, config, task, unit, model, run_dir, job_dir))
+
+    if cfg.get("tune") and cfg.tune.enabled:
+        return tune.study(cfg, task, units, fingerprint, job_dir, unit_record)
+    lr, source = tune.learning_rate(cfg, fingerprint)
+    if cfg.method.name != "none":
+        log.info("%s: lr %.3g (%s)", cfg.method.name, lr, source)
+    cfg = tune.with_lr(cfg, lr, source)
+    done = [unit_record(cfg, unit, job_dir / unit) for unit in units]
+    scores = [tune.objective(task, r["metrics"], r["metric_info"]) for r in done if r["run"]["status"] == "success"]
+    return sum(scores) / len(scores) if scores else math.nan
 
 
 def attach_method(cfg, unet) -> dict:
@@ -189,8 +201,8 @@ def run_unit(cfg, config, task, unit, model, run_dir: Path, job_dir: Path) -> Pa
         "task": {"name": task.name, "dataset": task.dataset, "subject": unit, "model": cfg.model.name},
         "method": {"name": method_cfg.name, "variant": summary.get("variant"), "hparams": summary["hparams"],
                    "budget": summary.get("budget"), "trainable_params": summary["trainable_params"],
-                   "stored_params": summary["stored_params"], "adapter_bytes": 0, "lr": method_cfg.lr,
-                   "lr_scale": cfg.task.lr_scale},
+                   "stored_params": summary["stored_params"], "adapter_bytes": 0, "lr": cfg.lr,
+                   "lr_source": cfg.lr_source},
         "baseline": {"metrics": baseline.metrics},
         "meta": {**records.environment(), "model_fingerprint": fingerprints["model"],
                  "dataset_fingerprint": fingerprints["dataset"]},
@@ -201,15 +213,16 @@ def run_unit(cfg, config, task, unit, model, run_dir: Path, job_dir: Path) -> Pa
                              tags=[method_cfg.name, task.name, cfg.model.name])
     start = time.perf_counter()
     try:
-        if method_cfg.name == "none":
+        encoder = task.control_encoder(model)
+        if method_cfg.name == "none" and encoder is None:  # the base model itself
             images, drift_adapted, train, sample_seconds = base_images, drift_base, None, 0.0
-        else:
-            encoder = task.control_encoder(model)
+        else:  # an adapter, or with method=none the control encoder alone (its reference row)
             if encoder is not None:
                 record["method"]["extra_trainable"] = {"control_encoder": sum(p.numel() for p in encoder.parameters())}
             images, drift_adapted, train, sample_seconds = train_and_sample(
                 cfg, data, prior, model, requests, drift_requests, encoder, tracker)
-            record["method"]["adapter_bytes"] = methods.save(model.unet, run_dir / "adapter")
+            if method_cfg.name != "none":
+                record["method"]["adapter_bytes"] = methods.save(model.unet, run_dir / "adapter")
         eval_start = time.perf_counter()
         scores = task.score(unit, requests, images, drift_base, drift_adapted)
         record["eval"] = {"seconds": sample_seconds + time.perf_counter() - eval_start, "images": len(images)}
@@ -257,9 +270,8 @@ def train_and_sample(cfg, data, prior, model, requests, drift_requests, encoder,
     the evaluation and drift requests."""
     device = model.device
     instance = encode_examples(model, data.images, data.prompts, data.control)
-    params = methods.trainable_parameters(model.unet)
-    optimizers = [methods.optimizer(model.unet, lr=cfg.method.lr * cfg.task.lr_scale,
-                                    weight_decay=cfg.method.weight_decay)]
+    params = methods.trainable_parameters(model.unet)  # none with method=none (the control encoder alone)
+    optimizers = [methods.optimizer(model.unet, lr=cfg.lr, weight_decay=cfg.method.weight_decay)] if params else []
     if encoder is not None:  # identical for every method: its own AdamW at the task's learning rate
         encoder.to(device)
         params = params + list(encoder.parameters())
