@@ -3,12 +3,14 @@
 Reads records and never runs models; imports nothing of the project but itself.
 """
 
-from . import papers, pareto, report
+from . import papers, pareto, report, stats
 from .leaderboard import (
     BASELINE,
     GROUP_KEYS,
     RESOURCES,
+    analyse,
     bootstrap_ci,
+    critical_differences,
     display,
     failures,
     frame,
@@ -16,9 +18,13 @@ from .leaderboard import (
     load,
     metric_info,
     metric_names,
+    notes,
     run_summary,
+    to_csv,
     to_html,
+    to_latex,
     to_markdown,
+    validity,
 )
 from .record import (
     SCHEMA_VERSION,
@@ -32,8 +38,8 @@ from .record import (
 )
 
 __all__ = [
-    "BASELINE", "GROUP_KEYS", "RESOURCES", "SCHEMA_VERSION", "RecordError", "bootstrap_ci", "config_hash",
-    "display", "environment", "failures", "find_record", "frame", "leaderboard", "load", "metric_info",
-    "metric_names", "papers", "pareto", "read_records", "report", "run_summary", "to_html", "to_markdown",
-    "write_record", "write_table",
+    "BASELINE", "GROUP_KEYS", "RESOURCES", "SCHEMA_VERSION", "RecordError", "analyse", "bootstrap_ci", "config_hash",
+    "critical_differences", "display", "environment", "failures", "find_record", "frame", "leaderboard", "load",
+    "metric_info", "metric_names", "notes", "papers", "pareto", "read_records", "report", "run_summary", "stats",
+    "to_csv", "to_html", "to_latex", "to_markdown", "validity", "write_record", "write_table",
 ]

@@ -1,4 +1,4 @@
-"""`python -m results leaderboard|pareto|paper|report ...`: bad input is one line on stderr and exit code 2."""
+"""`python -m results leaderboard|validity|pareto|paper|report ...`: bad input is one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import sys
 
 from . import papers, pareto, report
-from .leaderboard import failures, leaderboard, load, to_html, to_markdown
+from .leaderboard import AUTO, failures, leaderboard, load, to_csv, to_html, to_latex, to_markdown, validity
 from .record import RecordError, atomic_write
 
 
@@ -22,9 +22,13 @@ def _metrics(text: str | None) -> list[str] | None:
     return [m.strip() for m in text.split(",") if m.strip()] if text else None
 
 
+def _reference(args) -> str | None:
+    return None if args.no_reference else (args.reference or AUTO)
+
+
 def _leaderboard(args) -> None:
     runs = load(args.paths)
-    board = leaderboard(runs, metrics=_metrics(args.metrics), by=args.by)
+    board = leaderboard(runs, metrics=_metrics(args.metrics), by=args.by, reference=_reference(args))
     print(to_markdown(board))
     failed = failures(runs)
     if len(failed):
@@ -32,9 +36,23 @@ def _leaderboard(args) -> None:
         for _, run in failed.iterrows():
             print(f"- {run['id']} [{run['status']}] {run['method.name']} seed={run['seed']}: {run['error']}")
     if args.csv:
-        atomic_write(args.csv, board.to_csv(index=False))
+        atomic_write(args.csv, to_csv(board))
+    if args.latex:
+        atomic_write(args.latex, to_latex(board))
     if args.html:
         atomic_write(args.html, report.page("peftbench leaderboard", to_html(board)))
+
+
+def _validity(args) -> None:
+    table = validity(load(args.paths), metrics=_metrics(args.metrics), by=args.by)
+    if table.empty:
+        print("Nothing to compare: no task has a method with successful runs.")
+        return
+    print(table.to_markdown(index=False, floatfmt=".3g"))
+    print("\nbetween/within: variance of the method means ÷ pooled variance of runs within a method (units and "
+          "seeds); pairs separated: Holm-adjusted paired p < 0.05 within the task and metric; rank stability: "
+          "Kendall's W of method ranks across hierarchical bootstrap resamples (1 = always the same order); "
+          "MDE: minimum detectable paired difference at 80% power, two-sided α = 0.05.")
 
 
 def _pareto(args) -> None:
@@ -59,7 +77,8 @@ def _paper(args) -> None:
 
 
 def _report(args) -> None:
-    report.write(load(args.paths), args.output, metrics=_metrics(args.metrics), by=args.by)
+    report.write(load(args.paths), args.output, metrics=_metrics(args.metrics), by=args.by,
+                 reference=_reference(args))
     print(f"wrote {args.output}")
 
 
@@ -74,11 +93,22 @@ def parser() -> Parser:
                          help="extra run columns to group by, e.g. run.sweep")
         return sub
 
-    board = with_paths("leaderboard", "one row per method: metrics with bootstrap CIs, ranks, costs")
+    def with_reference(sub: Parser) -> None:
+        sub.add_argument("--reference", metavar="NAME",
+                         help="method every other is compared with (default: lora when present)")
+        sub.add_argument("--no-reference", action="store_true", help="no paired comparison with a reference")
+
+    board = with_paths("leaderboard", "one row per method: means with CIs, Δ vs the reference, tied ranks, costs")
     board.add_argument("--metrics", help="comma-separated metric names to show (default: all)")
+    with_reference(board)
     board.add_argument("--csv", help="also write the numeric leaderboard as CSV")
+    board.add_argument("--latex", help="also write the leaderboard as a booktabs LaTeX table")
     board.add_argument("--html", help="also write the leaderboard as an HTML page")
     board.set_defaults(run=_leaderboard)
+
+    valid = with_paths("validity", "per metric: can this sweep tell its methods apart?")
+    valid.add_argument("--metrics", help="comma-separated metric names to show (default: all)")
+    valid.set_defaults(run=_validity)
 
     front = with_paths("pareto", "plot a metric against a cost and mark the Pareto front")
     front.add_argument("--x", choices=list(pareto.AXES), default="params", help="cost axis")
@@ -95,6 +125,7 @@ def parser() -> Parser:
 
     page = with_paths("report", "one self-contained HTML page")
     page.add_argument("--metrics", help="comma-separated metric names to show (default: all)")
+    with_reference(page)
     page.add_argument("-o", "--output", required=True, help="the .html file to write")
     page.set_defaults(run=_report)
     return top

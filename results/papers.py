@@ -121,7 +121,7 @@ def _measured_rows(match, runs: pd.DataFrame, columns: list) -> list[dict]:
         selected = _select(selected, match)
     if selected.empty:
         return []
-    board = leaderboard(selected)
+    board = leaderboard(selected, reference=None)
     board = board[board["method"] == BASELINE] if match == "baseline" else board[board["method"] != BASELINE]
     hparams = match.get("hparams") if isinstance(match, dict) else None
     selected_by = "".join(f" {{{k}={v}}}" for k, v in (hparams or {}).items())
@@ -138,7 +138,7 @@ def _measured_rows(match, runs: pd.DataFrame, columns: list) -> list[dict]:
             if metric in RESOURCES:
                 entry[head] = "—" if pd.isna(row[metric]) else _number(row[metric] / column.get("scale", 1))
             elif metric in board:
-                entry[head] = cell(row, metric, rank=False)
+                entry[head] = cell(row, metric)
     return list(entries.values())
 
 

@@ -57,7 +57,7 @@ def points(board: pd.DataFrame, y: str, x: str = "params", task: str | None = No
         raise RecordError(f"metric {y!r} has no direction (no successful run recorded its metric_info)")
     return pd.DataFrame({
         "label": rows.apply(label, axis=1, by=board.attrs["by"]),
-        "x": rows[column], "y": rows[y], "lo": rows[f"{y}.lo"], "hi": rows[f"{y}.hi"],
+        "x": rows[column], "y": rows[y], "lo": rows[f"{y}_lo"], "hi": rows[f"{y}_hi"],
         "on_front": front(rows[column], rows[y], higher),
     })
 

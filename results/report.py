@@ -1,19 +1,34 @@
-"""One self-contained HTML page from records: leaderboard, parameters/quality, Pareto plots, failures, samples.
+"""One self-contained HTML page from records: leaderboard, critical-difference diagrams, validity, parameters/
+quality, Pareto plots, failures, samples.
 
-Everything is inline (CSS, PNGs as base64 data URIs), so the file opens offline and can be mailed as is.
+Everything is inline (CSS, PNGs as base64 data URIs), so the file opens offline and can be mailed as is; the
+critical-difference diagrams are also written beside it as PNG and SVG (`<report>-cd-<task>-<metric>.png/.svg`).
 """
 
 from __future__ import annotations
 
 import base64
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 import jinja2
 import pandas as pd
 
-from . import pareto
-from .leaderboard import BASELINE, TASK_KEYS, _as_frame, _with_keys, failures, label, leaderboard, tasks, to_html
+from . import pareto, stats
+from .leaderboard import (
+    BASELINE,
+    TASK_KEYS,
+    _as_frame,
+    _with_keys,
+    analyse,
+    critical_differences,
+    failures,
+    label,
+    tasks,
+    to_html,
+    validity,
+)
 from .record import RecordError, atomic_write
 
 TEMPLATE = jinja2.Environment(
@@ -78,6 +93,31 @@ def _samples(runs: pd.DataFrame, board: pd.DataFrame) -> list[dict]:
     return groups
 
 
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def cd_diagrams(sweep) -> list[dict]:
+    """Per task and metric: the critical-difference figure (≥ 3 methods) or why there is none. Entries: title,
+    name (file stem suffix), png and svg bytes (None without a figure), reason, caption."""
+    out = []
+    for entry in critical_differences(sweep):
+        title = f"{entry['task']}: {entry['metric']}"
+        item = {"title": title, "name": _slug(f"cd-{entry['task']}-{entry['metric']}"), "png": None, "svg": None,
+                "reason": entry["reason"], "caption": ""}
+        result = entry["result"]
+        if result is not None:
+            fig = stats.cd_figure(result, title=f"{title} — Friedman χ² = {result.chi2:.2f}, p = {result.p:.3g}, "
+                                              f"N = {result.n_blocks}, CD = {result.cd:.2f}")
+            item["png"], item["svg"] = pareto.image(fig, "png"), pareto.image(fig, "svg")
+            item["caption"] = (f"{title}: average ranks over {result.n_blocks} blocks (1 = best); bars join methods "
+                               f"within CD = {result.cd:.2f} (Nemenyi, α = {result.alpha:g}, q = {result.q_alpha:.3f})."
+                               + (f" Left out (missing blocks): {', '.join(entry['dropped'])}." if entry["dropped"]
+                                  else ""))
+        out.append(item)
+    return out
+
+
 def _task_name(row: pd.Series) -> str:
     return "/".join(str(row[k]) for k in TASK_KEYS)
 
@@ -92,11 +132,20 @@ def _environment(runs: pd.DataFrame) -> pd.DataFrame:
     return table.value_counts().rename("runs").reset_index()
 
 
-def build(data, metrics: list[str] | None = None, by: list[str] = (), title: str = "peftbench report") -> str:
-    """The report page as an HTML string."""
+def build(data, metrics: list[str] | None = None, by: list[str] = (), title: str = "peftbench report",
+          reference: str | None = "auto", figures: dict | None = None) -> str:
+    """The report page as an HTML string; `figures`, when given, receives the critical-difference diagrams as
+    {file suffix: bytes} (e.g. "cd-dreambooth-micro-micro-drift.svg")."""
     runs = _as_frame(data)
     by = list(by)
-    board = leaderboard(runs, metrics=metrics, by=by)
+    sweep = analyse(runs, metrics=metrics, by=by, reference=reference)
+    board = sweep.board
+    diagrams = cd_diagrams(sweep)
+    if figures is not None:
+        for item in diagrams:
+            if item["png"] is not None:
+                figures[f"{item['name']}.png"], figures[f"{item['name']}.svg"] = item["png"], item["svg"]
+    checks = validity(runs, sweep=sweep)
     failed = failures(runs)
     info = pd.DataFrame([{"metric": name, "direction": "higher is better" if i["higher_is_better"] else
                           "lower is better", "description": i["description"], "analogue of": i["analogue_of"],
@@ -107,6 +156,9 @@ def build(data, metrics: list[str] | None = None, by: list[str] = (), title: str
         counts=runs["run.status"].value_counts().to_dict(),
         sweeps=sorted(runs["run.sweep"].dropna().unique()) if "run.sweep" in runs else [],
         leaderboard=to_html(board),
+        diagrams=[{**d, "src": _png(d["png"]) if d["png"] else None} for d in diagrams],
+        validity=checks.to_html(index=False, border=0, classes="table", na_rep="—", float_format="{:.3g}".format)
+        if len(checks) else None,
         params_quality=params_quality(board).to_html(index=False, border=0, classes="table", na_rep="—"),
         metrics=info.to_html(index=False, border=0, classes="table", na_rep="—"),
         plots=_plots(board),
@@ -122,5 +174,11 @@ def page(title: str, body_html: str) -> str:
 
 
 def write(data, path: str | Path, **options) -> Path:
-    """Build the report and write it atomically."""
-    return atomic_write(path, build(data, **options))
+    """Build the report and write it atomically, the critical-difference diagrams beside it as
+    `<stem>-cd-<task>-<metric>.png` and `.svg`."""
+    path = Path(path)
+    figures: dict[str, bytes] = {}
+    page_html = build(data, figures=figures, **options)
+    for name, data_bytes in figures.items():
+        atomic_write(path.with_name(f"{path.stem}-{name}"), data_bytes)
+    return atomic_write(path, page_html)

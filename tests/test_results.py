@@ -238,29 +238,32 @@ def test_load_flattens_one_row_per_run(runs):
 def test_leaderboard_aggregates_ranks_and_counts_failures(runs):
     board = results.leaderboard(results.load([runs]))
     rows = {label(row): row for _, row in board.iterrows()}
-    assert list(rows) == ["before fine-tuning", "mobius/boost", "oft (coft=False)", "oft (coft=True)", "lora", "boft"]
+    assert list(rows) == ["before fine-tuning", "mobius/boost (project formulation)", "oft (coft=False)",
+                          "oft (coft=True)", "lora", "boft"]
     lora, oft = rows["lora"], rows["oft (coft=False)"]
     # lora: 2 subjects x 2 seeds, plus one failed lora run in the second sweep
     assert (lora["n"], lora["failed"]) == (4, 1)
     values = [0.60, 0.61, 0.62, 0.63]
     assert lora["subject_fidelity"] == pytest.approx(np.mean(values))
-    assert lora["subject_fidelity.lo"] < np.mean(values) < lora["subject_fidelity.hi"]
-    assert lora["subject_fidelity.n"] == 4 and rows["mobius/boost"]["n"] == 2
-    # ranks follow each metric's direction: mobius best on fidelity (higher) and on drift (lower)
-    assert board.loc[board["method"] == "mobius", "subject_fidelity.rank"].item() == 1
-    assert board.loc[board["method"] == "mobius", "drift.rank"].item() == 1
-    assert board.loc[board["method"] == "lora", "drift.rank"].item() == 4
+    assert lora["subject_fidelity_lo"] < np.mean(values) < lora["subject_fidelity_hi"]
+    assert lora["n_subject_fidelity"] == 4 and rows["mobius/boost (project formulation)"]["n"] == 2
+    # 2 units: no paired test can separate anything (smallest p = 0.5), so every method shares every rank
+    assert set(board.loc[board["method"] != results.BASELINE, "rank_subject_fidelity"]) == {"1–4", ""}
+    # Δ vs lora, paired on the same (subject, seed): oft is +0.10 on every pair
+    assert oft["delta_subject_fidelity"] == pytest.approx(0.10) and oft["p_subject_fidelity"] == 1.0
+    assert np.isnan(lora["delta_subject_fidelity"]) and board.attrs["reference"] == "lora"
     boft = rows["boft"]
     assert (boft["n"], boft["failed"]) == (0, 1) and np.isnan(boft["subject_fidelity"])
+    assert boft["rank_subject_fidelity"] == ""
     # the base model: one per (task, subject, seed, model), shown first and not ranked
     base = board.iloc[0]
     # (seeds 0, 1 x 2 subjects, and seed 2 from the failed lora run; the other runs repeat these)
-    assert base["method"] == results.BASELINE and base["n"] == 5 and pd.isna(base["subject_fidelity.rank"])
-    assert base["subject_fidelity"] == pytest.approx(0.208) and base["prompt_fidelity.n"] == 4
-    # stored vs effective parameters, costs
+    assert base["method"] == results.BASELINE and base["n"] == 5 and base["rank_subject_fidelity"] == ""
+    assert base["subject_fidelity"] == pytest.approx(0.2075) and base["n_prompt_fidelity"] == 4
+    # stored vs effective parameters, costs (median over units of the per-unit median over seeds)
     assert (oft["trainable_params"], oft["stored_params"]) == (1536, 3072)
-    assert lora["adapter_bytes"] == 4 * 4096 and lora["memory_source"] == "rss"
-    assert lora["peak_memory_mb"] == 501.0 and lora["train_seconds"] == pytest.approx(10 + 4.096)
+    assert lora["adapter_bytes"] == 4 * 4096 and lora["memory_source"] == "rss" and lora["lr"] == 1e-3
+    assert lora["peak_memory_mb"] == 500.5 and lora["train_seconds"] == pytest.approx(10 + 4.096)
 
 
 def test_bootstrap_ci_is_reproducible_and_degenerate_for_one_value():
@@ -273,7 +276,7 @@ def test_bootstrap_ci_is_reproducible_and_degenerate_for_one_value():
 
 def test_leaderboard_by_sweep_and_chosen_metrics(runs):
     board = results.leaderboard(results.load([runs]), metrics=["drift"], by=["run.sweep"])
-    assert "subject_fidelity" not in board and "drift.rank" in board
+    assert "subject_fidelity" not in board and "rank_drift" in board
     lora = board[board["method"] == "lora"].set_index("run.sweep")
     assert lora.loc["sweep_a", "n"] == 4 and lora.loc["sweep_b", "failed"] == 1
     with pytest.raises(RecordError, match="unknown metric 'dino'; known: subject_fidelity, prompt_fidelity, drift"):
@@ -293,9 +296,14 @@ def test_markdown_shows_direction_ci_rank_and_failures(runs):
     header = text.splitlines()[0]
     assert "subject_fidelity ↑" in header and "drift ↓" in header and "failed" in header
     assert "before fine-tuning" in text and "stored 3.07k" in text and "16 KiB" in text
-    assert re.search(r"0\.615 \[0\.6\d*, 0\.6\d*\] #4", text)  # lora: mean [CI] #rank
-    one = results.leaderboard([make_record("oft", coft=False)])
-    assert "(n=1) #1" in results.to_markdown(one)
+    assert re.search(r"\| 0\.615 \[0\.\d+, 0\.\d+\] +\| reference +\| 1–4 ", text)  # lora: mean [CI], rank
+    assert re.search(r"\| \+0\.1 p=1 +\| 1–4 ", text)  # oft: Δ (the same on every pair: no CI), adjusted p
+    assert "#" not in text  # no "#1" anywhere: ranks are ranges unless a test separates the methods
+    assert "minimum detectable paired difference (80% power): subject_fidelity" in text
+    assert "share a rank lo–hi" in text and "Holm-adjusted across the 9 comparisons" in text
+    one = results.leaderboard([make_record("oft", coft=False)])  # one method: no reference, rank 1, no MDE
+    text = results.to_markdown(one)
+    assert re.search(r"\(n=1\) +\| +1 +\|", text) and "No reference method" in text and "minimum detectable" not in text
 
 
 def test_run_summary_uses_leaderboard_names():
@@ -318,9 +326,9 @@ def test_pareto_plot_files(runs, tmp_path):
     board = results.leaderboard([runs])
     pts = pareto.points(board, "subject_fidelity", "params")
     front = set(pts.loc[pts["on_front"], "label"])
-    assert front == {"oft (coft=False)", "mobius/boost"}
+    assert front == {"oft (coft=False)", "mobius/boost (project formulation)"}
     svg = pareto.save(pareto.plot(board, "subject_fidelity", "params"), tmp_path / "front.svg")
-    assert "<svg" in svg.read_text() and "mobius/boost" in svg.read_text()
+    assert "<svg" in svg.read_text() and "mobius/boost (project formulation)" in svg.read_text()
     png = pareto.save(pareto.plot(board, "drift", "memory"), tmp_path / "front.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(RecordError, match="must be one of .png, .svg"):
@@ -439,13 +447,19 @@ def test_paper_tables_listed_and_published_alone():
 def test_report_is_self_contained(runs, tmp_path):
     path = report.write(results.load([runs]), tmp_path / "report.html")
     html = path.read_text()
-    for section in ("Leaderboard", "Parameters and quality", "Pareto fronts", "Failed runs", "Samples"):
+    for section in ("Leaderboard", "Critical-difference diagrams", "Validity", "Parameters and quality",
+                    "Pareto fronts", "Failed runs", "Samples"):
         assert f"<h2>{section}</h2>" in html
     sources = re.findall(r'(?:src|href)="([^"]*)"', html)
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
-    assert "loss is NaN at step 12" in html and "mobius/boost" in html
-    # sample grids (lora, oft, coft); plots: 3 metrics against params, the first against memory and time
-    assert html.count("<figure>") == 3 + 5 and "<td>abc123</td>" in html
+    assert "loss is NaN at step 12" in html and "mobius/boost (project formulation)" in html
+    # sample grids (lora, oft, coft); plots: 3 metrics against params, the first against memory and time;
+    # a critical-difference diagram per metric (mobius left out: it lacks glyph_b)
+    assert html.count("<figure>") == 3 + 5 + 3 and "<td>abc123</td>" in html
+    assert "Left out (missing blocks): mobius/boost (project formulation)" in html
+    for metric in ("subject_fidelity", "prompt_fidelity", "drift"):
+        for suffix in ("png", "svg"):
+            assert (tmp_path / f"report-cd-dreambooth-micro-micro-{metric.replace('_', '-')}.{suffix}").is_file()
 
 
 # ---------------------------------------------------------------- CLI
@@ -462,7 +476,7 @@ def test_cli_leaderboard(runs, tmp_path, capsys):
     assert code == 0 and "| task" in out and "subject_fidelity ↑" in out and "prompt_fidelity" not in out
     assert "2 run(s) did not succeed" in out and "loss is NaN at step 12" in out
     csv = pd.read_csv(tmp_path / "b.csv")
-    assert {"subject_fidelity", "subject_fidelity.lo", "drift.rank", "trainable_params"} <= set(csv.columns)
+    assert {"subject_fidelity", "subject_fidelity_lo", "rank_drift", "trainable_params"} <= set(csv.columns)
     assert "<table" in (tmp_path / "b.html").read_text()
 
 
