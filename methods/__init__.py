@@ -4,7 +4,7 @@ Depends on torch (plus geoopt for SODA's Stiefel factors and safetensors for ada
 the project; `methods.reference` alone imports Hugging Face peft. See docs/methods.md for every formula.
 """
 
-from methods import boft, dora, lora, mobius, oft, soda, svd_scaling  # noqa: F401  (register the methods)
+from methods import boft, dora, full, lora, mobius, oft, soda, svd_scaling  # noqa: F401  (register the methods)
 from methods.attach import (
     DEFAULT_TARGETS,
     adapters,

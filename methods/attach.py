@@ -4,6 +4,7 @@ detach, merge, save/load (safetensors + json), and the one optimiser the trainin
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -42,8 +43,9 @@ def attach(model: nn.Module, name: str, target_modules=None, budget: int | None 
     """Replace every target layer by an adapter of method `name`, freeze everything else; return the summary.
 
     `target_modules`: patterns (default: the attention projections to_q, to_k, to_v, to_out.0). `budget=N` sizes
-    the method (rank, blocks/block_size, block_size) so that the model's total trainable count is the largest
-    not exceeding N. All layers are checked before any is replaced.
+    the method (rank, blocks/block_size and conv_channels, block_size and conv_block_size, factors) so that the
+    model's total trainable count is the closest to N, within +10% of it (`_size`); a reference method (full
+    fine-tuning) ignores it, and the summary's `sizing` says so. All layers are checked before any is replaced.
     """
     cls = method_class(name)
     variant = resolve_variant(cls, variant)
@@ -57,8 +59,12 @@ def attach(model: nn.Module, name: str, target_modules=None, budget: int | None 
         raise fail("target_modules", patterns, "match no module", type(model).__name__, "qualified-name suffixes "
                    "such as 'to_q', or 're:<regex>' matching whole names")
     shapes = [LayerShape.of(m, n) for n, m in layers]
-    hp = full_hparams(cls, hparams, sized=budget is not None)
-    if budget is not None:
+    sizing = sizing_of(cls, budget)
+    if sizing == "budget ignored":
+        _check_budget(budget)
+        budget = None  # the summary records no budget: none was applied
+    hp = full_hparams(cls, hparams, sized=sizing == "budget")
+    if budget is not None:  # a fixed size is only checked against the budget
         hp.update(_size(cls, shapes, hp, budget, variant))
     per_layer = [cls.resolve(s, hp) for s in shapes]
     for key, value in hp.items():  # e.g. LoRA's alpha = rank: report the value every layer resolved to
@@ -67,7 +73,7 @@ def attach(model: nn.Module, name: str, target_modules=None, budget: int | None 
             hp[key] = per_layer[0][key]
 
     model.requires_grad_(False)
-    spec = {"method": name, "variant": variant, "hparams": hp, "budget": budget}
+    spec = {"method": name, "variant": variant, "hparams": hp, "budget": budget, "sizing": sizing}
     created = []
     for (n, module), shape, h in zip(layers, shapes, per_layer):
         adapter = cls(module, shape, h, variant)
@@ -78,10 +84,29 @@ def attach(model: nn.Module, name: str, target_modules=None, budget: int | None 
     return summary(model)
 
 
-def _size(cls, shapes: list[LayerShape], hp: dict, budget, variant) -> dict:
-    """The budget option with the largest total trainable count not exceeding `budget`."""
+BUDGET_TOLERANCE = 0.10  # a budget-sized method lands within ±10% of the budget where its family can reach it
+
+
+def sizing_of(cls, budget) -> str:
+    """What set the size: "budget" (a budget chose among the method's sizes), "hparams" (no budget: the given or
+    default size), "fixed" (no size to choose: svd_scaling), "budget ignored" (a reference method given a budget)."""
+    if budget is not None and cls.budget_ignored:
+        return "budget ignored"
+    if not (cls.sized_by or cls.also_sized):
+        return "fixed"
+    return "hparams" if budget is None else "budget"
+
+
+def _check_budget(budget) -> None:
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise fail("budget", budget, "must be a positive integer", "", "integers >= 1, or null")
+
+
+def _size(cls, shapes: list[LayerShape], hp: dict, budget, variant) -> dict:
+    """The budget option whose total trainable count is the closest to `budget` among those at most 10% above it
+    (ties: the one below). Where the method's family cannot reach [0.9, 1.1] × budget this is its largest size
+    below the budget, which the summary shows (trainable_params < 0.9 × budget: "under budget")."""
+    _check_budget(budget)
     sizes = []
     for option in cls.budget_options(shapes, hp):
         trial = {**hp, **option}
@@ -89,13 +114,14 @@ def _size(cls, shapes: list[LayerShape], hp: dict, budget, variant) -> dict:
             sizes.append((sum(cls.count(s, cls.resolve(s, trial), variant) for s in shapes), option))
         except MethodError:
             continue
-    fitting = [s for s in sizes if s[0] <= budget]
+    fitting = [s for s in sizes if s[0] <= budget * (1 + BUDGET_TOLERANCE)]
     if not fitting:
         smallest, option = min(sizes, key=lambda s: s[0])
         what = ", ".join(f"{k}={fmt(v)}" for k, v in option.items()) or "its fixed size"
         raise fail("budget", budget, f"is below the smallest {cls.method} ({what}: {smallest} trainable parameters)",
-                   f"the {len(shapes)} target layers", f"budgets >= {smallest}")
-    return max(fitting, key=lambda s: s[0])[1]
+                   f"the {len(shapes)} target layers",
+                   f"budgets >= {math.ceil(smallest / (1 + BUDGET_TOLERANCE))}")
+    return min(fitting, key=lambda s: (abs(s[0] - budget), s[0] > budget))[1]
 
 
 def summary(model: nn.Module) -> dict:
@@ -112,6 +138,7 @@ def summary(model: nn.Module) -> dict:
         "trainable_params": sum(a.trainable_params for _, a in found),
         "stored_params": sum(a.stored_params for _, a in found),
         "budget": spec["budget"],
+        "sizing": spec["sizing"],
     }
 
 
@@ -142,7 +169,8 @@ def save(model: nn.Module, path) -> int:
     found, info = adapters(model), summary(model)
     tensors = {f"{n}.{k}": t.detach().cpu().contiguous().as_subclass(torch.Tensor)
                for n, a in found for k, t in a.adapter_state().items()}
-    config = {k: info[k] for k in ("method", "variant", "hparams", "budget", "trainable_params", "stored_params")}
+    config = {k: info[k] for k in ("method", "variant", "hparams", "budget", "sizing", "trainable_params",
+                                   "stored_params")}
     config["layers"] = {n: {"weight_shape": list(a.shape.weight_shape), "hparams": a.hparams} for n, a in found}
     safetensors.torch.save_file(tensors, path / (WEIGHTS_FILE + ".tmp"))
     (path / (CONFIG_FILE + ".tmp")).write_text(json.dumps(config, indent=2))
@@ -171,6 +199,7 @@ def load(model: nn.Module, path) -> dict:
                **config["hparams"])
         for _, a in adapters(model):
             a.spec["budget"] = config["budget"]
+            a.spec["sizing"] = config.get("sizing", a.spec["sizing"])
     found = adapters(model)
     attached = (found[0][1].method, found[0][1].variant, [n for n, _ in found])
     if attached != (config["method"], config["variant"], list(config["layers"])):

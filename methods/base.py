@@ -84,6 +84,39 @@ def block_options(shapes: list[LayerShape]) -> list[dict]:
     return [{"blocks": r} for r in common] + [{"block_size": b} for b in common]
 
 
+def in_channels(shape: LayerShape) -> int:
+    """c_in of a Conv2d (d_in = c_in·k_h·k_w, channel-major: PyTorch flattens a kernel (c_in, k_h, k_w) so that
+    input channel c owns the k_h·k_w consecutive columns c·k_h·k_w … (c+1)·k_h·k_w − 1); d_in for a Linear."""
+    return shape.weight_shape[1]
+
+
+def channel_block_size(hp: dict, shape: LayerShape) -> int | None:
+    """OFT's and Möbius' block size on a Conv2d with `conv_channels: j`: b = j·k_h·k_w, blocks of j whole input
+    channels (the OFT authors' layout is j = 1: one k²×k² block per input channel). None on a Linear or without
+    `conv_channels` (the layer then follows `blocks`/`block_size` as a Linear does)."""
+    j = hp.get("conv_channels")
+    if j is None or shape.kind != "conv2d":
+        return None
+    j = positive_int("conv_channels", j, shape)
+    c_in = in_channels(shape)
+    if c_in % j:
+        raise fail("conv_channels", j, f"does not divide c_in={c_in}", shape.name, divisors(c_in))
+    return j * (shape.d_in // c_in)
+
+
+def aligned_block_options(shapes: list[LayerShape]) -> list[dict]:
+    """Budget options for OFT and Möbius: Linear layers choose `blocks` or `block_size` (dividing every Linear
+    d_in), Conv2d layers choose `conv_channels` (dividing every c_in), so that a budget only ever puts whole input
+    channels in a convolution's blocks."""
+    linear = [s for s in shapes if s.kind == "linear"]
+    conv = [s for s in shapes if s.kind == "conv2d"]
+    linear_options = block_options(linear) if linear else [{}]
+    if not conv:
+        return linear_options
+    channels = sorted(set.intersection(*(set(divisors(in_channels(s))) for s in conv)))
+    return [{**option, "conv_channels": j} for option in linear_options for j in channels]
+
+
 # Cost constants, calibrated on one CPU core with `python -m bench.perf` (torch 2.14, SD-1.5-shaped layers):
 NARROW = 128  # a pass of block products over the activations (reading and writing them) costs at least this wide
 SKINNY = 32  # a rank-r product that reads the activations and writes r columns costs at least this wide
@@ -433,6 +466,8 @@ class Adapter(nn.Module):
     method: ClassVar[str] = ""  # set by @register
     defaults: ClassVar[dict] = {}
     sized_by: ClassVar[tuple[str, ...]] = ()  # the hyper-parameters a budget chooses (alternatives)
+    also_sized: ClassVar[tuple[str, ...]] = ()  # more hyper-parameters a budget chooses (not alternatives)
+    budget_ignored: ClassVar[bool] = False  # a reference method (full fine-tuning) that no budget sizes
     variants: ClassVar[dict] = {}
     default_variant: ClassVar[str | None] = None
     token_cost: int | None = None  # cost per token of forward_input (see `narrow`); None: no input-side path

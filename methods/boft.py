@@ -9,6 +9,12 @@ mixes coordinates 2^{i−1}·b apart and m = 1 + log2(d_in/b) factors make R den
 (an index_select on the last dimension, consecutive ones fused), never a d×d matrix. m > 1 needs b even and
 b·2^{m−1} dividing d_in. Without m > 1 this is OFT with block size b.
 
+`conv_block_size` (default: `block_size`) is b on every Conv2d; a budget chooses it and `block_size` (for the
+Linear layers) together. Blocks of whole input channels (OFT's `conv_channels`) would need half-blocks of whole
+k×k kernels, b ≥ 2k² = 18 on a 3×3 kernel: with m ≥ 2 factors that costs at least m·d_in·17/2 per convolution
+(345k on the micro model's convolutions, 2.6× its budget), and the BOFT paper adapts attention projections only,
+so BOFT's conv blocks are cut from the flattened kernel as peft's are (docs/methods.md).
+
 Every factor mixes coordinates only within chunks of B = b·2^{m−1}, so R is block-diagonal with dense B×B blocks;
 both sides compute those blocks (the butterfly applied to an identity, B·d_in·b·m multiply-adds): the input side
 runs OFT's fused `rotated_linear` with them (one product with W Rᵀ forward, backward dx = dy W Rᵀ and the blocks'
@@ -56,8 +62,9 @@ def gathers(perms: list[torch.Tensor], order: list[int]) -> list[torch.Tensor | 
 
 @register("boft")
 class BOFT(Adapter):
-    defaults = {"block_size": 8, "factors": 2}
+    defaults = {"block_size": 8, "factors": 2, "conv_block_size": None}
     sized_by = ("block_size",)
+    also_sized = ("conv_block_size",)
 
     def __init__(self, layer, shape, hp, variant=None):
         super().__init__(layer, shape, hp, variant)
@@ -78,12 +85,13 @@ class BOFT(Adapter):
     @classmethod
     def resolve(cls, shape: LayerShape, hp: dict) -> dict:
         m = positive_int("factors", hp["factors"], shape)
-        b = positive_int("block_size", hp["block_size"], shape)
+        field = "conv_block_size" if shape.kind == "conv2d" and hp.get("conv_block_size") is not None else "block_size"
+        b = positive_int(field, hp[field], shape)
         allowed = [k for k in divisors(shape.d_in) if m == 1 or (k % 2 == 0 and shape.d_in % (k * 2 ** (m - 1)) == 0)]
         if shape.d_in % b:
-            raise fail("block_size", b, f"does not divide d_in={shape.d_in}", shape.name, allowed or "none")
+            raise fail(field, b, f"does not divide d_in={shape.d_in}", shape.name, allowed or "none")
         if b not in allowed:
-            raise fail("block_size", b, f"with factors={m} needs an even b and b·2^(m-1)={b * 2 ** (m - 1)} dividing "
+            raise fail(field, b, f"with factors={m} needs an even b and b·2^(m-1)={b * 2 ** (m - 1)} dividing "
                        f"d_in={shape.d_in}", shape.name, allowed or "none")
         return {**hp, "block_size": b, "factors": m}
 
@@ -93,8 +101,14 @@ class BOFT(Adapter):
 
     @classmethod
     def budget_options(cls, shapes: list[LayerShape], hp: dict) -> list[dict]:
-        common = set.intersection(*(set(divisors(s.d_in)) for s in shapes))
-        return [{"block_size": b} for b in sorted(common)]
+        """`block_size` dividing every Linear d_in, times `conv_block_size` dividing every Conv2d d_in (both
+        kinds: one block size for all when only one kind is targeted)."""
+        def common(kind):
+            return sorted(set.intersection(*(set(divisors(s.d_in)) for s in shapes if s.kind == kind)))
+        kinds = {s.kind for s in shapes}
+        if len(kinds) == 1:
+            return [{"block_size": b} for b in common(kinds.pop())]
+        return [{"block_size": b, "conv_block_size": c} for b in common("linear") for c in common("conv2d")]
 
     def rotations(self) -> torch.Tensor:
         """The Cayley blocks of every factor, shape (m, d_in/b, b, b)."""

@@ -14,6 +14,8 @@ of every row uses the same R_i = Cayley(Q_i) (as OFT) and the same boost a_i = v
     w'_block = ‖w_block‖ · R_i · T_{a_i}(w_block / ‖w_block‖)
 
 Q = 0, v = 0 is the identity; v = 0 is exactly OFT; every block keeps its norm. Trainable: d_in (b − 1)/2 + d_in.
+On a Conv2d, `conv_channels: j` makes the blocks j whole input channels (b = j·k·k) as in OFT; a budget sizes
+convolutions only this way, so a block's norm and boost are those of whole channel kernels.
 T_a is non-linear in w, so W' is rebuilt every step (no input-side path); merged_weight() is exact.
 
 `variant` picks the boost (`@boost("name")` below): the paper's exact form can be added as another variant and
@@ -28,8 +30,9 @@ from torch import nn
 from methods.base import (
     Adapter,
     LayerShape,
-    block_options,
+    aligned_block_options,
     block_size_of,
+    channel_block_size,
     cayley,
     skew,
     stack,
@@ -118,8 +121,9 @@ class _RotatedBoost(torch.autograd.Function):
 
 @register("mobius")
 class Mobius(Adapter):
-    defaults = {"blocks": 4, "block_size": None}
+    defaults = {"blocks": 4, "block_size": None, "conv_channels": None}
     sized_by = ("blocks", "block_size")
+    also_sized = ("conv_channels",)  # as OFT: Conv2d blocks of whole input channels
     variants = BOOSTS
     default_variant = "conformal"
 
@@ -132,7 +136,7 @@ class Mobius(Adapter):
 
     @classmethod
     def resolve(cls, shape: LayerShape, hp: dict) -> dict:
-        b = block_size_of(hp, shape)
+        b = channel_block_size(hp, shape) or block_size_of(hp, shape)
         return {**hp, "block_size": b, "blocks": shape.d_in // b}
 
     @classmethod
@@ -142,7 +146,7 @@ class Mobius(Adapter):
 
     @classmethod
     def budget_options(cls, shapes: list[LayerShape], hp: dict) -> list[dict]:
-        return block_options(shapes)
+        return aligned_block_options(shapes)
 
     def rotation(self) -> torch.Tensor:
         return cayley(skew(self.Q, self.hparams["block_size"]))

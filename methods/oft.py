@@ -5,8 +5,16 @@
 acting on the input side (b = d_in / r must divide d_in; on a Conv2d d_in = c_in·k·k). Each Q_i is stored as its
 strict upper triangle, so trainable = stored = d_in (b − 1) / 2. Q = 0 gives R = I. `cayley: neumann` replaces
 the inverse by `neumann_terms` terms of its Neumann series (cheaper, approximately orthogonal).
-COFT (`coft: true`) keeps the rotation near the identity: after every optimiser step each Q_i is projected into
-the Frobenius ball ‖Q_i‖ ≤ ε/√r, so ‖Q‖ ≤ ε for the whole block-diagonal Q (the form Hugging Face peft uses).
+
+Convolutions: `conv_channels: j` gives every Conv2d blocks of j whole input channels, b = j·k·k (PyTorch flattens
+a kernel channel-major, so columns c·k·k … (c+1)·k·k − 1 are channel c's); the OFT authors use j = 1, one k²×k²
+block per input channel. A budget sizes convolutions only this way; without `conv_channels` a Conv2d follows
+`blocks`/`block_size` as a Linear does (peft's layout, which may cut a channel's kernel).
+
+COFT (`coft: true`) keeps the rotation near the identity, in the OFT authors' convention (repository
+`Zeju1997/oft`, oft-control/oft.py: `self.eps = eps * b * b`, then `project_batch` divides by √r): after every
+optimiser step each skew block Q_i (their raw parameter R_i, which stays skew under AdamW from R = 0) is projected
+into the Frobenius ball ‖Q_i‖ ≤ ε·b²/√r. Hugging Face peft 0.21 uses ε/√r, b² times tighter.
 
 The input side is the fused `rotated_linear`: one product with W Rᵀ forward (or x R first, for fewer tokens than
 d_out), and backward dx = dy W Rᵀ with the frozen layer's own product and dR_i = x_iᵀ (dx R)_i blockwise (R
@@ -24,8 +32,9 @@ from torch import nn
 from methods.base import (
     Adapter,
     LayerShape,
-    block_options,
+    aligned_block_options,
     block_size_of,
+    channel_block_size,
     cayley,
     narrow,
     positive_int,
@@ -40,8 +49,10 @@ from methods.registry import fail, register
 
 @register("oft")
 class OFT(Adapter):
-    defaults = {"blocks": 4, "block_size": None, "coft": False, "eps": 6e-5, "cayley": "exact", "neumann_terms": 5}
+    defaults = {"blocks": 4, "block_size": None, "conv_channels": None, "coft": False, "eps": 6e-5,
+                "cayley": "exact", "neumann_terms": 5}
     sized_by = ("blocks", "block_size")
+    also_sized = ("conv_channels",)
 
     def __init__(self, layer, shape, hp, variant=None):
         super().__init__(layer, shape, hp, variant)
@@ -52,7 +63,7 @@ class OFT(Adapter):
 
     @classmethod
     def resolve(cls, shape: LayerShape, hp: dict) -> dict:
-        b = block_size_of(hp, shape)
+        b = channel_block_size(hp, shape) or block_size_of(hp, shape)
         if hp["cayley"] not in ("exact", "neumann"):
             raise fail("cayley", hp["cayley"], "is not a Cayley form", shape.name, ["exact", "neumann"])
         positive_int("neumann_terms", hp["neumann_terms"], shape)
@@ -68,7 +79,7 @@ class OFT(Adapter):
 
     @classmethod
     def budget_options(cls, shapes: list[LayerShape], hp: dict) -> list[dict]:
-        return block_options(shapes)
+        return aligned_block_options(shapes)
 
     def rotation(self) -> torch.Tensor:
         """The blocks R_i, shape (r, b, b)."""
@@ -95,10 +106,14 @@ class OFT(Adapter):
         exact = self.hparams["cayley"] == "exact"  # orthogonal R: the cheaper backward
         return rotated_linear(x, self.rotation(), self.base.weight, self.base.bias, orthogonal=exact)
 
+    def radius(self) -> float:
+        """COFT's bound on every ‖Q_i‖_F: ε·b²/√r (Zeju1997/oft; peft 0.21's is ε/√r)."""
+        return self.hparams["eps"] * self.hparams["block_size"] ** 2 / math.sqrt(self.Q.shape[0])
+
     @torch.no_grad()
     def project_(self) -> None:
         if self.hparams["coft"]:
-            # ‖Q_i‖_F = √2 ‖upper triangle‖; radius ε/√r per block
-            radius = self.hparams["eps"] / math.sqrt(self.Q.shape[0]) / math.sqrt(2)
+            # radius ε·b²/√r per block (the authors' convention); ‖Q_i‖_F = √2 ‖upper triangle‖
+            radius = self.radius() / math.sqrt(2)
             norms = self.Q.norm(dim=1, keepdim=True).clamp_min(1e-30)
             self.Q.mul_((radius / norms).clamp(max=1.0))

@@ -6,6 +6,10 @@ factors → boft_n_butterfly_factor) and parameters are copied across:
 
 - OFT stores the same strict upper triangles. peft's Cayley–Neumann series approximates the Cayley map of −Q with
   `num_cayley_neumann_terms` − 1 terms, so `cayley: neumann` copies −Q and asks for `neumann_terms` + 1 (≥ 4).
+  COFT: peft bounds every skew block by eps/√r, the project (the OFT authors' convention) by ε·b²/√r, so peft
+  gets eps = ε·b², which needs one block size b on every layer. peft has one `r`/`oft_block_size` (BOFT: one
+  `boft_block_size`) for all layers: `conv_channels` (OFT) and `conv_block_size` (BOFT) that give a convolution
+  another block size than that have no peft counterpart.
 - BOFT: peft stores full b×b matrices and takes their skew part, and has a per-output scale `boft_s` that the
   project's BOFT (DESIGN §2) does not; it is exported as ones. Without its CUDA extension peft runs BOFT with
   one butterfly factor only, so `to_peft` refuses m > 1 there; `export` writes any m.
@@ -36,9 +40,25 @@ from methods.registry import MethodError, fail
 METHODS = ("lora", "dora", "oft", "boft")
 
 
-def peft_config(info: dict):
-    """peft's config for an attach summary (`methods.summary(model)`): same method, hyper-parameters, layers."""
+def blocks_of(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{layer: (d_in, block size)} of the attached OFT or BOFT adapters (what `peft_config` checks)."""
+    return {n: (a.shape.d_in, a.hparams["block_size"]) for n, a in methods.adapters(model)
+            if "block_size" in a.hparams}
+
+
+def peft_config(info: dict, blocks: dict[str, tuple[int, int]] | None = None):
+    """peft's config for an attach summary (`methods.summary(model)`): same method, hyper-parameters, layers.
+    `blocks`: every layer's (d_in, resolved block size) (`blocks_of(model)`), for OFT and BOFT: checked against
+    the one block size (or r) that peft's config holds, and used for COFT's eps."""
     name, hp, targets = info["method"], info["hparams"], list(info["layers"])
+    if name in ("oft", "boft"):
+        field = "conv_channels" if name == "oft" else "conv_block_size"
+        for layer, (d_in, b) in (blocks or {}).items():
+            peft_b = hp["block_size"] if hp.get("block_size") is not None else (
+                d_in // hp["blocks"] if hp.get("blocks") else None)
+            if b != peft_b:
+                raise fail(field, hp.get(field), f"gives {layer} block size {b} where peft's one setting gives "
+                           f"{peft_b}: no peft counterpart", "", "null")
     if name in ("lora", "dora"):
         return LoraConfig(r=hp["rank"], lora_alpha=hp["alpha"], target_modules=targets, lora_dropout=0.0,
                           bias="none", use_dora=name == "dora")
@@ -46,8 +66,15 @@ def peft_config(info: dict):
         neumann = hp["cayley"] == "neumann"
         if neumann and hp["neumann_terms"] < 3:
             raise fail("neumann_terms", hp["neumann_terms"], "has no peft counterpart", "", "integers >= 3")
+        eps = hp["eps"]
+        if hp["coft"]:  # peft's radius eps/√r, ours ε·b²/√r
+            sizes = {b for _, b in blocks.values()} if blocks else {hp["block_size"]} - {None}
+            if len(sizes) != 1:
+                raise fail("eps", eps, f"with block sizes {sorted(sizes) or 'unknown'} has no peft counterpart "
+                           "(peft's radius eps/√r, ours ε·b²/√r: one b needed)", "", "one block_size for all layers")
+            eps = eps * sizes.pop() ** 2
         return OFTConfig(r=hp["blocks"] or 0, oft_block_size=hp["block_size"] or 0, target_modules=targets,
-                         coft=hp["coft"], eps=hp["eps"], module_dropout=0.0, use_cayley_neumann=neumann,
+                         coft=hp["coft"], eps=eps, module_dropout=0.0, use_cayley_neumann=neumann,
                          num_cayley_neumann_terms=hp["neumann_terms"] + 1)
     if name == "boft":
         return BOFTConfig(boft_block_size=hp["block_size"], boft_block_num=0,
@@ -81,8 +108,9 @@ def to_peft(model: nn.Module) -> PeftModel:
     """A peft model on a copy of `model`'s frozen layers with the attached adapters' parameters copied in."""
     info = methods.summary(model)
     state = peft_state(model)
+    config = peft_config(info, blocks_of(model))
     twin = methods.detach(copy.deepcopy(model))
-    peft_model = get_peft_model(twin, peft_config(info))
+    peft_model = get_peft_model(twin, config)
     theirs = get_peft_model_state_dict(peft_model)
     for key, tensor in state.items():
         if key not in theirs or theirs[key].shape != tensor.shape:
@@ -99,15 +127,16 @@ def to_peft(model: nn.Module) -> PeftModel:
 def attach(model: nn.Module, name: str, target_modules=None, budget: int | None = None, **hparams) -> PeftModel:
     """The performance baseline: `name` through peft on `model`, resolved exactly as `methods.attach` would."""
     info = methods.attach(model, name, target_modules, budget, **hparams)
+    blocks = blocks_of(model)
     methods.detach(model)
-    return get_peft_model(model, peft_config(info))
+    return get_peft_model(model, peft_config(info, blocks))
 
 
 def export(model: nn.Module, path) -> Path:
     """Write the attached LoRA/DoRA/OFT/BOFT in peft's adapter format (adapter_config.json +
     adapter_model.safetensors), loadable with `peft.PeftModel.from_pretrained(base_model, path)`."""
     path = Path(path)
-    peft_config(methods.summary(model)).save_pretrained(str(path))
+    peft_config(methods.summary(model), blocks_of(model)).save_pretrained(str(path))
     safetensors.torch.save_file({k: v.cpu() for k, v in peft_state(model).items()},
                                 str(path / "adapter_model.safetensors"))
     return path

@@ -74,8 +74,9 @@ def full_hparams(cls: type[Adapter], given: Mapping, sized: bool = False) -> dic
     """The method's defaults overlaid with the given hyper-parameters.
 
     `cls.sized_by` names alternative sizing fields (OFT: `blocks` or `block_size`); giving one drops the other's
-    default. With `sized=True` a budget chooses the size: the sizing fields are dropped, given or not (a method's
-    yaml carries its default size, which a budget in a sweep overrides).
+    default. With `sized=True` a budget chooses the size: the sizing fields, and `cls.also_sized` (OFT:
+    `conv_channels`), are dropped, given or not (a method's yaml carries its default size, which a budget in a
+    sweep overrides).
     """
     given = plain(dict(given))
     unknown = sorted(set(given) - set(cls.defaults))
@@ -83,7 +84,7 @@ def full_hparams(cls: type[Adapter], given: Mapping, sized: bool = False) -> dic
         raise fail(unknown[0], given[unknown[0]], f"is not a hyper-parameter of {cls.method}", "",
                    ", ".join(sorted(cls.defaults)) or "none")
     if sized:
-        given = {k: v for k, v in given.items() if k not in cls.sized_by}
+        given = {k: v for k, v in given.items() if k not in cls.sized_by + cls.also_sized}
     chosen = [k for k in cls.sized_by if given.get(k) is not None]
     if len(chosen) > 1:
         raise fail(chosen[1], given[chosen[1]], f"cannot be given together with {chosen[0]}", "", "one of " +
@@ -91,6 +92,8 @@ def full_hparams(cls: type[Adapter], given: Mapping, sized: bool = False) -> dic
     hp = dict(cls.defaults)
     if sized or chosen:
         hp.update({k: None for k in cls.sized_by})
+    if sized:
+        hp.update({k: None for k in cls.also_sized})
     hp.update({k: v for k, v in given.items() if v is not None or k not in cls.sized_by})
     return hp
 
@@ -115,5 +118,6 @@ def create(name: str, layer: nn.Module, *, variant: str | None = None, layer_nam
     shape = LayerShape.of(layer, layer_name)
     hp = full_hparams(cls, hparams)
     adapter = cls(layer, shape, cls.resolve(shape, hp), variant)
-    adapter.spec = {"method": name, "variant": variant, "hparams": hp, "budget": None}
+    adapter.spec = {"method": name, "variant": variant, "hparams": hp, "budget": None,
+                    "sizing": "hparams" if cls.sized_by or cls.also_sized else "fixed"}  # as methods.attach's
     return adapter

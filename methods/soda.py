@@ -12,6 +12,12 @@ Factors: `factors: [k_1, k_2, k_3]` for every layer, a mapping {d_in: [k_1, k_2,
 choice where it gives one (640 → 8·8·10, 768 → 6·8·16, 1280 → 4·16·20, 2048 → 4·8·64), otherwise the three
 factors with the least Σ k_j². R is applied by reshaping the d_in axis into (k_1, k_2, k_3) and multiplying each
 axis by its factor, never by forming the d_in × d_in matrix; on the input activations when cheaper than on W.
+
+Budget: the Kronecker factor sizes are SODA's size (fewer, larger factors store more: Σ k_j² ranges from the
+least-Σk² triple to d_in² for one factor). A budget chooses one ratio ρ and gives every input width d_in the
+three factors (each ≥ 2 where d_in allows) with the largest Σ k_j² not above ρ·d_in — each layer's rotation
+stored in proportion to d_in, as OFT's d_in (b − 1)/2 — and records the result as a {d_in: [k_1, k_2, k_3]} mapping
+in `factors`.
 """
 
 from __future__ import annotations
@@ -35,6 +41,35 @@ def default_factors(d: int) -> list[int]:
         return list(PAPER_FACTORS[d])
     triples = [(a, b, d // (a * b)) for a in divisors(d) for b in divisors(d // a) if a <= b <= d // (a * b)]
     return list(min(triples, key=lambda t: (sum(k * k for k in t), t)))
+
+
+def factor_triples(d: int) -> list[list[int]]:
+    """Every k_1 ≤ k_2 ≤ k_3 with k_1 k_2 k_3 = d, without factors of 1 where d has three or more prime factors."""
+    triples = [[a, b, d // (a * b)] for a in divisors(d) for b in divisors(d // a) if a <= b <= d // (a * b)]
+    return [t for t in triples if t[0] > 1] or triples
+
+
+def budget_factors(widths: list[int]) -> list[dict]:
+    """SODA's budget options: for every ratio ρ = Σk²/d_in that some width's triple attains, the mapping
+    {d_in: the triple with the largest Σ k_j² ≤ ρ·d_in (the least-Σk² triple if none)}, smallest first."""
+    by_size = {}
+    for d in widths:  # Σk² → one triple (ties: the lexicographically least), ascending
+        sizes: dict[int, list[int]] = {}
+        for t in factor_triples(d):
+            q = sum(k * k for k in t)
+            sizes[q] = min(sizes.get(q, t), t)
+        by_size[d] = sorted(sizes.items())
+    options, seen = [], set()
+    for ratio in sorted({q / d for d in widths for q, _ in by_size[d]}):
+        mapping = {}
+        for d in widths:
+            fit = [t for q, t in by_size[d] if q <= ratio * d * (1 + 1e-12)]
+            mapping[str(d)] = fit[-1] if fit else by_size[d][0][1]
+        key = repr(mapping)
+        if key not in seen:
+            seen.add(key)
+            options.append({"factors": mapping})
+    return options
 
 
 def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -75,6 +110,7 @@ def kron_apply(v: torch.Tensor, factors: list[torch.Tensor], transpose: bool = F
 @register("soda")
 class SODA(SpectralShift):
     defaults = {"factors": None}
+    also_sized = ("factors",)
 
     def __init__(self, layer, shape, hp, variant=None):
         super().__init__(layer, shape, hp, variant)
@@ -108,6 +144,10 @@ class SODA(SpectralShift):
     @classmethod
     def count(cls, shape: LayerShape, hp: dict, variant: str | None = None) -> int:
         return min(shape.d_in, shape.d_out) + sum(k * k for k in hp["factors"])
+
+    @classmethod
+    def budget_options(cls, shapes: list[LayerShape], hp: dict) -> list[dict]:
+        return budget_factors(sorted({s.d_in for s in shapes}))
 
     @classmethod
     def batched_weights(cls, adapters, cache=None) -> torch.Tensor:

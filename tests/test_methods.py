@@ -27,24 +27,35 @@ HPARAMS = {
     "oft": {"blocks": 4},
     "coft": {"blocks": 4, "coft": True, "eps": 1e-2},
     "oft_neumann": {"block_size": 4, "cayley": "neumann", "neumann_terms": 6},
+    "oft_channels": {"blocks": 4, "conv_channels": 2},  # Conv2d: blocks of 2 whole input channels, b = 2·3·3
     "boft": {"block_size": 4, "factors": 2},
+    "boft_conv": {"block_size": 4, "factors": 2, "conv_block_size": 6},
     "svd_scaling": {},
     "soda": {},
     "mobius": {"blocks": 4},
+    "mobius_channels": {"blocks": 2, "conv_channels": 1},
+    "full": {},
 }
-METHOD = {"coft": "oft", "oft_neumann": "oft"}
+METHOD = {"coft": "oft", "oft_neumann": "oft", "oft_channels": "oft", "boft_conv": "boft",
+          "mobius_channels": "mobius"}
 SODA_FACTORS = {16: [2, 2, 4], 24: [2, 3, 4], 32: [2, 4, 4], 72: [3, 4, 6]}  # least Σk² triples
 
 
-def expected_count(case: str, d_out: int, d_in: int) -> int:
-    """DESIGN §2's table, written out independently of the implementation."""
+def expected_count(case: str, d_out: int, d_in: int, c_in: int | None = None) -> int:
+    """DESIGN §2's table, written out independently of the implementation (`c_in`: a Conv2d's input channels)."""
     hp = HPARAMS[case]
     method = METHOD.get(case, case)
     if method == "lora":
         return hp["rank"] * (d_in + d_out)
     if method == "dora":
         return hp["rank"] * (d_in + d_out) + d_out
+    if method == "full":
+        return d_in * d_out
     b = hp.get("block_size") or d_in // hp.get("blocks", 1)
+    if c_in is not None and hp.get("conv_channels"):
+        b = hp["conv_channels"] * d_in // c_in  # whole channels of k·k columns
+    if c_in is not None and hp.get("conv_block_size"):
+        b = hp["conv_block_size"]
     if method == "oft":
         return d_in * (b - 1) // 2
     if method == "boft":
@@ -118,7 +129,7 @@ def test_merged_equals_unmerged_after_perturbation(case, layer_key):
 def test_trainable_count_is_the_formula(case, layer_key):
     layer, adapter, _ = make(case, layer_key)
     d_out, d_in = layer.weight.shape[0], layer.weight[0].numel()
-    expected = expected_count(case, d_out, d_in)
+    expected = expected_count(case, d_out, d_in, layer.weight.shape[1] if layer.weight.dim() == 4 else None)
     assert adapter.trainable_params == expected
     own = [p for n, p in adapter.named_parameters() if not n.startswith("base.")]
     assert adapter.stored_params == sum(p.numel() for p in own) == expected  # every method stores its count
@@ -170,13 +181,14 @@ def test_rotations_stay_orthogonal_after_optimiser_steps(layer_key):
             r = adapter.rotation()
             assert (r @ r.mT - torch.eye(r.shape[-1])).abs().max() <= 1e-5
             assert adapter.Q.abs().max() > 0
-        if case == "coft":  # every block inside ε/√r, so ‖Q‖_F ≤ ε, and the constraint is active
-            q = skew(adapter.Q, adapter.hparams["block_size"])
+        if case == "coft":  # every block inside ε·b²/√r (the OFT authors' radius), so ‖Q‖_F ≤ ε·b², and active
+            b = adapter.hparams["block_size"]
+            q = skew(adapter.Q, b)
             block_norms = q.flatten(1).norm(dim=1)
-            radius = HPARAMS["coft"]["eps"] / math.sqrt(q.shape[0])
+            radius = HPARAMS["coft"]["eps"] * b**2 / math.sqrt(q.shape[0])
             assert block_norms.max() <= radius * (1 + 1e-5)
             assert block_norms.max() >= radius * (1 - 1e-3)
-            assert q.flatten().norm() <= HPARAMS["coft"]["eps"] * (1 + 1e-5)
+            assert q.flatten().norm() <= HPARAMS["coft"]["eps"] * b**2 * (1 + 1e-5)
         if case == "boft":
             dense = adapter.butterfly(eye)
             assert (dense @ dense.T - eye).abs().max() <= 1e-5
@@ -188,6 +200,48 @@ def test_rotations_stay_orthogonal_after_optimiser_steps(layer_key):
             assert (dense @ dense.T - eye).abs().max() <= 1e-5
             assert max((k - torch.eye(k.shape[0])).abs().max() for k in adapter.K) > 1e-3
             assert adapter.delta.abs().max() > 0
+
+
+def test_coft_at_the_papers_eps_moves_the_weight():
+    """COFT in the OFT authors' convention (Zeju1997/oft: radius ε·b²/√r per block): at the papers' ε = 6e-5 and
+    DreamBooth lr (6e-5 × the micro task's lr_scale 30) a few steps towards a random target move W measurably,
+    every block stays inside its ball, and the ball is what stops it. At peft 0.21's radius ε/√r (b² = 576 times
+    smaller here) the same rotation would leave W practically frozen."""
+    torch.manual_seed(0)
+    layer = nn.Linear(96, 96)
+    eps, b, r = 6e-5, 24, 4
+    adapter = methods.create("oft", layer, blocks=r, coft=True, eps=eps)
+    x, target = torch.randn(64, 96), torch.randn(64, 96)
+    opt = methods.optimizer(adapter, lr=6e-5 * 30)
+    for _ in range(5):
+        opt.zero_grad(set_to_none=True)
+        F.mse_loss(adapter(x), target).backward()
+        opt.step()
+    w = layer.weight.detach()
+    moved = ((adapter.merged_weight().detach() - w).norm() / w.norm()).item()
+    assert moved >= 1e-3
+    radius = eps * b**2 / math.sqrt(r)
+    norms = skew(adapter.Q, b).detach().flatten(1).norm(dim=1)
+    assert norms.max() <= radius * (1 + 1e-5) and norms.min() >= radius * (1 - 1e-3)  # all on the sphere
+    with torch.no_grad():  # the same Q shrunk onto peft's ball
+        adapter.Q.div_(b**2)
+    assert ((adapter.merged_weight().detach() - w).norm() / w.norm()).item() <= moved / 100
+
+
+@pytest.mark.parametrize("case", ["oft_channels", "mobius_channels"])
+def test_conv_blocks_cover_whole_input_channels(case):
+    """With conv_channels = j a convolution's rotation acts within groups of j whole input channels (PyTorch
+    flattens a kernel channel-major): changing W on one channel changes W' on that channel's group only."""
+    j = HPARAMS[case]["conv_channels"]
+    layer, adapter, _ = make(case, "conv8to6k3")
+    assert adapter.hparams["block_size"] == j * 3 * 3 and adapter.hparams["blocks"] == 8 // j
+    perturb(adapter, scale=1.0)
+    before = adapter.merged_weight().detach().clone()
+    with torch.no_grad():
+        layer.weight[:, 5].add_(torch.randn(6, 3, 3))  # channel 5: group 5 // j
+    changed = (adapter.merged_weight().detach() - before).abs().amax(dim=(0, 2, 3)) > 1e-6
+    group = torch.arange(8) // j == 5 // j
+    assert torch.equal(changed, group)
 
 
 @pytest.mark.parametrize("layer_key", LAYERS)
@@ -340,3 +394,7 @@ def test_bad_hyper_parameters_raise_one_clear_line():
     m = error("lora", layer=nn.Embedding(4, 4))
     assert "Embedding" in m and "nn.Linear" in m
     assert "grouped Conv2d" in error("lora", layer=nn.Conv2d(4, 4, 3, groups=2))
+    m = error("oft", layer=nn.Conv2d(6, 4, 3), conv_channels=4)
+    assert m == f"method.conv_channels: 4 does not divide c_in=6 of {LAYER} (allowed: 1, 2, 3, 6)"
+    m = error("boft", layer=nn.Conv2d(4, 4, 3), factors=2, conv_block_size=9)
+    assert m.startswith("method.conv_block_size: 9 with factors=2 needs an even b") and "d_in=36" in m

@@ -26,6 +26,7 @@ DEFAULTS_VALID = {  # hyper-parameters valid on every layer of the toy model (d_
     "svd_scaling": {},
     "soda": {},
     "mobius": {"blocks": 2},
+    "full": {},
 }
 
 
@@ -94,6 +95,7 @@ def test_attach_summary_freezes_and_targets_default_attention():
         "trainable_params": 3 * ((16 + 16) * 6 + (24 + 16) * 2),
         "stored_params": 3 * ((16 + 16) * 6 + (24 + 16) * 2),
         "budget": None,
+        "sizing": "hparams",
     }
     assert methods.summary(model) == info
     trainable = {id(p) for p in methods.trainable_parameters(model)}
@@ -127,49 +129,94 @@ def test_attaching_twice_is_an_error_naming_the_layer():
     assert "attn1.to_q already carries a lora adapter" in str(info.value) and "\n" not in str(info.value)
 
 
-def formula_total(method: str, **hp) -> int | None:
+def formula_total(method: str, targets=None, **hp) -> int | None:
     """The toy model's total trainable count for explicit hyper-parameters (None where they are not valid)."""
     try:
-        return methods.attach(toy(), method, **hp)["trainable_params"]
+        return methods.attach(toy(), method, targets, **hp)["trainable_params"]
     except methods.MethodError:
         return None
+
+
+def closest(totals: list[int], budget: int) -> int:
+    """The rule, written out: the total closest to the budget among those at most 10% above it (ties: below)."""
+    return min((t for t in totals if t <= 1.1 * budget), key=lambda t: (abs(t - budget), t > budget))
 
 
 @pytest.mark.parametrize("method,field", [("lora", "rank"), ("dora", "rank"), ("oft", None), ("boft", "block_size"),
                                           ("mobius", None)])
 @pytest.mark.parametrize("budget", [700, 2500])
-def test_budget_picks_the_largest_size_not_exceeding_it(method, field, budget):
+def test_budget_picks_the_size_closest_to_it(method, field, budget):
     model = toy()
     info = methods.attach(model, method, budget=budget)
-    assert info["budget"] == budget and info["trainable_params"] <= budget
+    assert info["budget"] == budget and info["sizing"] == "budget"
     if field == "rank":
-        assert formula_total(method, rank=info["hparams"]["rank"] + 1) > budget
+        totals = [formula_total(method, rank=r) for r in range(1, 17)]
         assert info["hparams"]["alpha"] == info["hparams"]["rank"]
-    else:  # every other admissible size is either larger than the chosen one or over budget
+    else:  # every admissible size
         sizes = range(1, 25)
         options = [{"block_size": b} for b in sizes] + ([{"blocks": r} for r in sizes] if method != "boft" else [])
         totals = [t for t in (formula_total(method, **o) for o in options) if t is not None]
         assert len(totals) >= 2
-        assert max(t for t in totals if t <= budget) == info["trainable_params"]
         chosen = {k: v for k, v in info["hparams"].items() if k in ("blocks", "block_size") and v is not None}
         assert formula_total(method, **chosen) == info["trainable_params"]
+    assert info["trainable_params"] == closest(totals, budget)
     assert methods.summary(model)["hparams"] == info["hparams"]
+
+
+@pytest.mark.parametrize("method", ["oft", "mobius"])
+@pytest.mark.parametrize("budget", [1500, 3000])
+def test_budget_gives_convolutions_blocks_of_whole_channels(method, budget):
+    """OFT and Möbius: on a Conv2d a budget only chooses blocks of whole input channels (b a multiple of k·k):
+    `conv_channels` for the convolutions, blocks/block_size for the Linear layers, the pair closest to the budget."""
+    model = toy()  # conv_in: c_in = 4, 3×3 kernel, d_in = 36
+    info = methods.attach(model, method, ATTN + ["conv_in"], budget=budget)
+    j = info["hparams"]["conv_channels"]
+    assert j in (1, 2, 4) and model.conv_in.hparams["block_size"] == 9 * j
+    sizes = range(1, 25)
+    linear = [{"block_size": b} for b in sizes] + [{"blocks": r} for r in sizes]
+    totals = [t for t in (formula_total(method, ATTN + ["conv_in"], **o, conv_channels=c) for o in linear
+                          for c in (1, 2, 4)) if t is not None]
+    assert info["trainable_params"] == closest(totals, budget)
+
+
+def test_budget_sizes_soda_by_its_kronecker_factors():
+    """SODA's factor sizes are its size: the budget picks per-width triples (recorded in hparams.factors) and lands
+    closer to it than the default least-Σk² factors."""
+    default = methods.attach(toy(), "soda")["trainable_params"]
+    info = methods.attach(toy(), "soda", budget=3 * default)
+    assert set(info["hparams"]["factors"]) == {"16", "24"} and info["sizing"] == "budget"
+    assert abs(info["trainable_params"] - 3 * default) < abs(default - 3 * default)
+    explicit = methods.attach(toy(), "soda", factors=info["hparams"]["factors"])["trainable_params"]
+    assert explicit == info["trainable_params"] <= 3.3 * default
+
+
+def test_full_ignores_the_budget_and_says_so():
+    model = toy()
+    info = methods.attach(model, "full", budget=700)
+    assert info["budget"] is None and info["sizing"] == "budget ignored"
+    assert info["trainable_params"] == 6 * 16 * 16 + 2 * 16 * 24  # d_out·d_in per layer, biases frozen
+    assert methods.attach(toy(), "full")["sizing"] == "fixed"
+    with pytest.raises(methods.MethodError, match="method.budget: -3 must be a positive integer"):
+        methods.attach(toy(), "full", budget=-3)
 
 
 def test_budget_errors():
     with pytest.raises(methods.MethodError, match=r"method.budget: 10 is below the smallest lora \(rank=1: 272 "):
         methods.attach(toy(), "lora", budget=10)
-    # a budget overrides the size in the method's yaml (rank: 4 there); a given alpha is kept
-    info = methods.attach(toy(), "lora", budget=1000, rank=4, alpha=8)
-    assert info["hparams"] == {"rank": 3, "alpha": 8} and info["trainable_params"] == 816
+    # a budget overrides the size in the method's yaml (rank: 2 here); a given alpha is kept. 1000: rank 3 is 816,
+    # rank 4 is 1088, closer and within +10%
+    info = methods.attach(toy(), "lora", budget=1000, rank=2, alpha=8)
+    assert info["hparams"] == {"rank": 4, "alpha": 8} and info["trainable_params"] == 1088
     info = methods.attach(toy(), "oft", budget=200, blocks=4)  # blocks=4 would be 264
-    assert info["trainable_params"] <= 200 and info["hparams"]["blocks"] != 4
+    assert info["trainable_params"] <= 220 and info["hparams"]["blocks"] != 4
     fixed = methods.attach(toy(), "svd_scaling")["trainable_params"]
     assert methods.attach(toy(), "svd_scaling", budget=fixed)["trainable_params"] == fixed
-    for method in ("svd_scaling", "soda"):
-        with pytest.raises(methods.MethodError, match=f"method.budget: 50 is below the smallest {method} "
-                                                      r"\(its fixed size: \d+ trainable parameters\)"):
-            methods.attach(toy(), method, budget=50)
+    assert methods.attach(toy(), "svd_scaling", budget=fixed)["sizing"] == "fixed"
+    with pytest.raises(methods.MethodError, match=r"method.budget: 50 is below the smallest svd_scaling "
+                                                  r"\(its fixed size: \d+ trainable parameters\)"):
+        methods.attach(toy(), "svd_scaling", budget=50)
+    with pytest.raises(methods.MethodError, match=r"method.budget: 50 is below the smallest soda \(factors="):
+        methods.attach(toy(), "soda", budget=50)
     with pytest.raises(methods.MethodError, match="method.budget: -3 must be a positive integer"):
         methods.attach(toy(), "oft", budget=-3)
 
@@ -246,9 +293,10 @@ def test_coft_projection_runs_after_every_step():
         opt.zero_grad(set_to_none=True)
         model(image, context).square().mean().backward()
         opt.step()
-    for _, a in methods.adapters(model):
+    for _, a in methods.adapters(model):  # every block on its sphere ε·b²/√r: ‖Q‖_F = ε·b² (the OFT authors')
         q_norm = (2 * a.Q.square().sum()).sqrt()  # Frobenius norm of the block-diagonal skew Q
-        assert 1e-3 * 0.99 <= q_norm <= 1e-3 * (1 + 1e-5)
+        radius = 1e-3 * a.hparams["block_size"] ** 2
+        assert radius * 0.99 <= q_norm <= radius * (1 + 1e-5)
 
 
 @pytest.mark.parametrize("method", list(DEFAULTS_VALID))
@@ -364,6 +412,7 @@ def test_every_method_yaml_on_a_diffusers_unet():
             "svd_scaling": lambda o, i: min(i, o),
             "soda": lambda o, i: min(i, o) + sum(k * k for k in {32: (2, 4, 4), 48: (3, 4, 4), 64: (4, 4, 4)}[i]),
             "mobius": lambda o, i: i * (i // 4 - 1) // 2 + i,
+            "full": lambda o, i: o * i,
         }[method]
         assert info["trainable_params"] == sum(formula(o, i) for o, i in shapes), method
         methods.detach(unet)
@@ -376,7 +425,7 @@ PARITY = [
     ("dora", {"rank": 3}, True),
     ("oft", {"blocks": 4}, False),
     ("oft", {"block_size": 4, "cayley": "neumann"}, False),
-    ("oft", {"blocks": 2, "coft": True, "eps": 0.05}, False),
+    ("oft", {"block_size": 4, "coft": True, "eps": 0.02}, False),  # peft gets eps·b² (its radius eps/√r)
     ("boft", {"block_size": 4, "factors": 1}, True),
 ]
 
@@ -504,3 +553,18 @@ def test_soda_factors_per_input_width_round_trip(tmp_path):
     assert methods.load(fresh, tmp_path) == info
     with torch.no_grad():
         assert torch.equal(fresh(image, context), out)
+
+
+def test_peft_reference_refuses_what_peft_cannot_hold():
+    """peft's config holds one block size (or r) for every layer and one COFT eps: OFT's conv_channels giving a
+    convolution its own block size, and COFT over several block sizes, have no peft counterpart."""
+    from methods import reference
+
+    model = toy()
+    methods.attach(model, "oft", ATTN + ["conv_in"], block_size=4, conv_channels=1)  # conv_in: b = 9
+    with pytest.raises(methods.MethodError, match=r"method.conv_channels: 1 gives conv_in block size 9"):
+        reference.to_peft(model)
+    model = toy()
+    methods.attach(model, "oft", blocks=2, coft=True)  # b = 8 and 12
+    with pytest.raises(methods.MethodError, match=r"method.eps: .* with block sizes \[8, 12\] has no peft"):
+        reference.to_peft(model)
