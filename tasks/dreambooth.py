@@ -90,8 +90,8 @@ class MicroDreamBooth:
         rows = []
         for req, img in zip(requests, arrays):
             prompt = by_text[req.prompt]
-            rows.append({"subject": unit, "prompt": req.prompt, "family": prompt.family, "seed": req.seed,
-                         **micro_metrics.score_image(img, subject, prompt)})
+            rows.append({"subject": unit, "prompt": req.prompt, "family": prompt.family, "kind": prompt.kind,
+                         "seed": req.seed, **micro_metrics.score_image(img, subject, prompt)})
         groups: dict[str, list[np.ndarray]] = {}
         for req, img in zip(requests, arrays):
             groups.setdefault(req.group, []).append(img)

@@ -108,7 +108,7 @@ def test_subject_fidelity_tells_the_subject_from_a_plain_shape():
     empty = world.render(world.Scene(prompt.background, ()))
     sg, sp = micro_metrics.score_image(good, s, prompt), micro_metrics.score_image(plain, s, prompt)
     assert sg["micro_subject_fidelity"] == 1.0 and sg["micro_prompt_fidelity"] == 1.0
-    # No floor: a plain shape in the main colour or an empty background score 0, so "before" sits near 0.
+    # A plain shape in the main colour or an empty background score 0 (floors: tests/test_micro_metrics.py).
     assert sp["micro_subject_fidelity"] == 0.0
     assert micro_metrics.score_image(empty, s, prompt)["micro_subject_fidelity"] == 0.0
     assert micro_metrics.score_image(wrong_place, s, prompt)["micro_prompt_fidelity"] == 0.0

@@ -79,7 +79,8 @@ def _offsets(center: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
 
 # name, identifier, class word, pattern, main colour, accent colour. The first six are the original subjects
 # (records and docs name them); the other 22 were drawn procedurally (patterns legible at both sizes on the
-# silhouette, colour pairs assigned so that pairs are unique and every colour is a main colour 3-4 times).
+# silhouette, colour pairs assigned so that pairs are unique -- also reversed, within a class word -- and every
+# colour is a main colour 3-4 times).
 TABLE = (
     ("checker", "sks", "square", "checker", "red", "white"),
     ("bullseye", "zwx", "circle", "bullseye", "blue", "yellow"),
@@ -104,9 +105,9 @@ TABLE = (
     ("bullseye_triangle", "qlo tyg", "triangle", "bullseye", "purple", "orange"),
     ("diagonal_triangle", "vrd tyg", "triangle", "diagonal", "orange", "yellow"),
     ("hstripes_cross", "kpt tyg", "cross", "hstripes", "white", "black"),
-    ("checker_cross", "mjb tyg", "cross", "checker", "black", "white"),
+    ("checker_cross", "mjb tyg", "cross", "checker", "black", "yellow"),
     ("split_cross", "sks fhu", "cross", "split", "red", "green"),
-    ("saltire_cross", "zwx fhu", "cross", "saltire", "green", "red"),
+    ("saltire_cross", "zwx fhu", "cross", "saltire", "green", "purple"),
     ("tophalf_cross", "qlo fhu", "cross", "tophalf", "blue", "purple"),
     ("bullseye_cross", "vrd fhu", "cross", "bullseye", "yellow", "orange"),
 )
@@ -212,8 +213,9 @@ def eval_prompts(subject: Subject) -> list[EvalPrompt]:
 def render_prompt(subject: Subject, prompt: EvalPrompt, position: int = 0) -> np.ndarray:
     """The exact render of an evaluation prompt: the subject as asked at `position` (default: top left, clear of
     the other object, which sits bottom right); an unnamed background is the first reference background that
-    differs from the asked main colour."""
-    background = prompt.background or next(b for b in subject.backgrounds if b != prompt.main)
+    differs from the asked main colour and the other object's colour."""
+    taken = {prompt.main, prompt.other.color if prompt.other is not None else None}
+    background = prompt.background or next(b for b in subject.backgrounds if b not in taken)
     others = (prompt.other,) if prompt.other is not None else ()
     return render(subject, background, position, prompt.size, prompt.main, others)
 
