@@ -314,6 +314,171 @@ def test_run_summary_uses_leaderboard_names():
     assert set(summary) <= set(board.columns)
 
 
+def simulated_sweep(effects: dict, units: int = 8, seeds: int = 3, budget=None, seed: int = 1) -> list[dict]:
+    """Records of methods whose subject_fidelity is a subject's difficulty plus the method's effect plus noise."""
+    rng = np.random.default_rng(seed)
+    difficulty = rng.normal(0.5, 0.1, units)
+    records = []
+    for method, effect in effects.items():
+        for u in range(units):
+            for s in range(seeds):
+                value = float(difficulty[u] + effect + rng.normal(0, 0.01))
+                record = make_record(method, s, f"subject_{u}", budget=budget,
+                                     metrics={"subject_fidelity": value, "drift": 1 - value},
+                                     metric_info={k: MICRO_INFO[k] for k in ("subject_fidelity", "drift")},
+                                     baseline={"metrics": {"subject_fidelity": float(difficulty[u] - 0.3)}})
+                records.append(record)
+    return records
+
+
+def test_tied_ranks_on_the_board():
+    # 8 subjects: oft clearly best, lora and boft indistinguishable
+    board = results.leaderboard(simulated_sweep({"lora": 0.0, "oft": 0.2, "boft": 0.0}), resamples=1000)
+    ranks = dict(zip(board["method"], board["rank_subject_fidelity"]))
+    assert ranks["oft"] == "1" and ranks["lora"] == ranks["boft"] == "2–3" and ranks[results.BASELINE] == ""
+    assert dict(zip(board["method"], board["rank_drift"]))["oft"] == "1"  # lower drift is better
+    oft = board[board["method"] == "oft"].iloc[0]
+    assert oft["delta_subject_fidelity"] == pytest.approx(0.2, abs=0.01)
+    assert oft["delta_subject_fidelity_lo"] < oft["delta_subject_fidelity"] < oft["delta_subject_fidelity_hi"]
+    assert oft["delta_subject_fidelity_hi"] - oft["delta_subject_fidelity_lo"] < 0.03
+    assert oft["p_subject_fidelity"] == pytest.approx(4 * 2 / 2 ** 8)  # 4 comparisons, Holm: m * (2/2^8)
+    # two indistinguishable methods share 1–2
+    board = results.leaderboard(simulated_sweep({"lora": 0.0, "oft": 0.0}), resamples=1000)
+    assert set(board["rank_subject_fidelity"]) == {"1–2", ""}
+    text = results.to_markdown(board)
+    assert "#1" not in text and "minimum detectable paired difference (80% power): subject_fidelity" in text
+    assert "with 8 units" in text
+
+
+STABLE = ["task", "dataset", "model", "method", "variant", "budget", "setting", "n", "failed", "lr", "lr_source",
+          *[c for m in ("subject_fidelity", "drift") for c in
+            (m, f"{m}_lo", f"{m}_hi", f"n_{m}", f"delta_{m}", f"delta_{m}_lo", f"delta_{m}_hi", f"p_{m}", f"rank_{m}")],
+          "trainable_params", "stored_params", "extra_params", "adapter_bytes", "train_seconds", "peak_memory_mb",
+          "memory_source", "under_budget"]
+
+
+def test_csv_columns_and_integer_types(tmp_path, capsys):
+    for record in simulated_sweep({"lora": 0.0, "oft": 0.1}, units=3, seeds=2):
+        write_run(tmp_path / "runs", record)
+    code, _, _ = run_cli("leaderboard", tmp_path / "runs", "--csv", tmp_path / "b.csv", capsys=capsys)
+    assert code == 0
+    text = (tmp_path / "b.csv").read_text()
+    assert text.splitlines()[0].split(",") == STABLE
+    csv = pd.read_csv(tmp_path / "b.csv")
+    raw = pd.read_csv(tmp_path / "b.csv", dtype=str)
+    for column in ("n", "failed", "trainable_params", "stored_params", "adapter_bytes", "n_subject_fidelity"):
+        assert raw[column].dropna().str.fullmatch(r"\d+").all(), column  # 4096, not 4096.0
+    lora = csv[csv["method"] == "lora"].iloc[0]
+    assert re.search(r"^dreambooth,micro,micro,lora,,,,6,0,0\.001,,", text, re.M)  # ints written without ".0"
+    assert ",4096,4096,,16384," in text and lora["rank_subject_fidelity"] == "1–2"
+    oft = csv[csv["method"] == "oft"].iloc[0]
+    # 3 units: smallest p 2/2^3, Holm over 2 comparisons
+    assert oft["delta_subject_fidelity"] == pytest.approx(0.1, abs=0.03) and oft["p_subject_fidelity"] == 0.5
+
+
+def test_reference_choice(tmp_path, capsys):
+    records = simulated_sweep({"lora": 0.0, "oft": 0.1, "boft": 0.05}, units=3, seeds=2)
+    board = results.leaderboard(records, reference="oft", resamples=500)
+    lora = board[board["method"] == "lora"].iloc[0]
+    assert board.attrs["reference"] == "oft" and lora["delta_subject_fidelity"] == pytest.approx(-0.1, abs=0.03)
+    none = results.leaderboard(records, reference=None, resamples=500)
+    assert none["delta_subject_fidelity"].isna().all() and none["p_drift"].isna().all()
+    assert "Δ" not in results.display(none).columns.str.cat()
+    no_lora = results.leaderboard([r for r in records if r["method"]["name"] != "lora"], resamples=500)
+    assert no_lora.attrs["reference"] is None  # no lora: no reference unless asked
+    for record in records:
+        write_run(tmp_path, record)
+    code, out, err = run_cli("leaderboard", tmp_path, "--reference", "dora", capsys=capsys)
+    assert code == 2 and "unknown reference method 'dora'; methods with successful runs: boft, lora, oft" in err
+    code, out, _ = run_cli("leaderboard", tmp_path, "--no-reference", capsys=capsys)
+    assert code == 0 and "vs lora" not in out and "No reference method" in out
+    code, out, _ = run_cli("leaderboard", tmp_path, "--reference", "boft", capsys=capsys)
+    assert code == 0 and "Δ subject_fidelity vs boft" in out
+
+
+def test_latex_escapes_every_text_cell(tmp_path, capsys):
+    assert results.leaderboard.__module__ == "results.leaderboard"
+    from results.leaderboard import latex_escape
+    assert latex_escape("a_b #1 50% R&D ↑ ↓ 1–3 —") == r"a\_b \#1 50\% R\&D $\uparrow$ $\downarrow$ 1--3 ---"
+    records = simulated_sweep({"lora": 0.0, "oft": 0.1}, units=3, seeds=2)
+    for record in records:
+        if record["method"]["name"] == "oft":
+            record["method"]["variant"] = "v_1 50% & #2"
+        write_run(tmp_path / "runs", record)
+    code, _, _ = run_cli("leaderboard", tmp_path / "runs", "--latex", tmp_path / "b.tex", capsys=capsys)
+    tex = (tmp_path / "b.tex").read_text()
+    assert code == 0 and r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
+    assert r"subject\_fidelity $\uparrow$" in tex and r"drift $\downarrow$" in tex and "1--2" in tex
+    body = tex[tex.index(r"\toprule"):tex.index(r"\bottomrule")]
+    cells = [c for line in body.splitlines()[1:] if line.endswith(r"\\")
+             for c in re.split(r"(?<!\\) & ", line.removesuffix(r"\\"))]
+    assert r"oft/v\_1 50\% \& \#2" in cells
+    for char in "_#%&":
+        assert not any(re.search(rf"(?<!\\){re.escape(char)}", c) for c in cells), char  # every one escaped
+    assert "↑" not in tex and "–" not in tex and "Δ" not in tex
+    assert re.search(r"0\.\d+ \[0\.\d+, 0\.\d+\]", body)  # mean [lo, hi]
+
+
+def test_under_budget_is_flagged_in_every_table(tmp_path, capsys):
+    records = simulated_sweep({"lora": 0.0, "mobius": 0.0}, units=2, seeds=1, budget=4096)
+    board = results.leaderboard(records, resamples=200)
+    flags = dict(zip(board["method"], board["under_budget"]))
+    assert flags == {results.BASELINE: False, "lora": False, "mobius": True}  # 2048 < 0.9 * 4096; lora 4096
+    for record in records:
+        write_run(tmp_path / "runs", record)
+    code, out, _ = run_cli("leaderboard", tmp_path / "runs", "--csv", tmp_path / "b.csv", "--latex",
+                           tmp_path / "b.tex", "--html", tmp_path / "b.html", capsys=capsys)
+    assert code == 0 and "under budget: 2.05k" in out and out.count("under budget: ") == 1 + 1  # cell + note
+    csv = pd.read_csv(tmp_path / "b.csv").set_index("method")
+    assert csv.loc["mobius", "under_budget"] and not csv.loc["lora", "under_budget"]
+    assert "under budget: 2.05k" in (tmp_path / "b.tex").read_text()
+    assert "under budget: 2.05k" in (tmp_path / "b.html").read_text()
+    # Möbius is the project's formulation wherever it is named
+    assert "mobius (project formulation) budget=4.1k" in out
+    assert "mobius (project formulation)" in (tmp_path / "b.tex").read_text()
+    # lr and where it came from
+    records[0]["method"]["lr"], records[0]["method"]["lr_source"] = 1e-3, "tuned: study-lora.json"
+    assert "0.001 (tuned)" in results.to_markdown(results.leaderboard(records[:1], resamples=200))
+
+
+def test_cli_validity(tmp_path, capsys):
+    for record in simulated_sweep({"lora": 0.0, "oft": 0.2, "boft": 0.0}, units=8, seeds=2):
+        write_run(tmp_path, record)
+    code, out, _ = run_cli("validity", tmp_path, "--metrics", "subject_fidelity", capsys=capsys)
+    assert code == 0 and "| task" in out and "subject_fidelity" in out and "drift" not in out.split("\n\n")[0]
+    table = results.validity([tmp_path], metrics=["subject_fidelity"])
+    row = table.iloc[0]
+    assert (row["methods"], row["units"], row["pairs separated"]) == (3, 8, "2/3")
+    assert row["between/within"] > 1 and row["rank stability (W)"] > 0.5
+    assert row["MDE (80% power)"] == pytest.approx(
+        results.stats.mde(row["MDE (80% power)"] / results.stats.mde(1.0, 8).value, 8).value)
+    few = results.validity(simulated_sweep({"lora": 0.0, "oft": 0.2}, units=4, seeds=2))
+    assert few["pairs separated"].eq("0/1").all() and few["note"].str.contains(r"smallest p = 2/2\^4").all()
+
+
+def test_sweep_end_prints_the_board(tmp_path, monkeypatch, capsys):
+    """bench's Hydra callback: the same Markdown board, also with a single method."""
+    callbacks = pytest.importorskip("bench.callbacks")
+    from bench.run import SWEEP_MANIFEST
+
+    paths = [write_run(tmp_path / "multirun", r) / "record.json"
+             for r in simulated_sweep({"oft": 0.0}, units=2, seeds=2, budget=4096)]
+    manifest = tmp_path / "manifest.txt"
+    manifest.write_text("\n".join(map(str, paths)))
+    monkeypatch.setenv(SWEEP_MANIFEST, str(manifest))
+    callbacks.Leaderboard().on_multirun_end(config=None)
+    out = capsys.readouterr().out
+    assert "before fine-tuning" in out and "| oft" in out and "under budget: 1.54k" in out
+    assert "No reference method" in out and "Full tables: python -m results leaderboard" in out
+    for record in simulated_sweep({"lora": 0.0}, units=2, seeds=2, budget=4096):
+        paths.append(write_run(tmp_path / "multirun", record) / "record.json")
+    manifest.write_text("\n".join(map(str, paths)))
+    callbacks.Leaderboard().on_multirun_end(config=None)
+    out = capsys.readouterr().out
+    assert "Δ subject_fidelity vs lora" in out and "minimum detectable paired difference" in out
+    assert "rank subject_fidelity" in out and "| lr " in out
+
+
 # ---------------------------------------------------------------- Pareto
 
 def test_pareto_front():
