@@ -308,7 +308,7 @@ def optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, lr_multipl
     """One optimiser over every adapter parameter: AdamW (lr × the parameter's multiplier, `weight_decay`), plus
     RiemannianAdam (no weight decay) for Stiefel parameters (SODA), plus each method's post-step constraint
     (COFT's projection). `lr_multipliers` maps a parameter's name in its adapter (its first component: A, B, m, Q,
-    delta, K, boost) to a learning-rate factor."""
+    delta, K, boost, dW) to a learning-rate factor."""
     found = adapters(model)
     if not found:
         raise MethodError("method.name: the model has no adapters attached (allowed: methods.attach(model, ...) first)")

@@ -101,3 +101,24 @@ def test_the_docs_table_is_what_attach_gives(attached):
         rows[cells[0]] = int(cells[2].replace(",", ""))
     assert rows == {name: info["trainable_params"] for name, (info, _) in attached.items()}
     assert re.search(rf"`model.method_budget` = {BUDGET:,}", text)
+
+
+@pytest.mark.parametrize("name", ["oft", "boft", "soda", "full"])
+def test_budget_sized_adapters_reload_with_their_sizes(name, tmp_path):
+    """An adapter file of a budget-sized method (its chosen sizes in hparams) loads into a fresh micro UNet with
+    the same layers, sizes, counts, budget and sizing, without the budget."""
+    import torch
+
+    from bench.models.micro import build_unet
+
+    unet = build_unet()
+    conf = method_yaml(name)
+    info = methods.attach(unet, name, list(MICRO.target_modules), budget=BUDGET, **conf["hparams"])
+    with torch.no_grad():
+        for p in methods.trainable_parameters(unet):
+            if not hasattr(p, "manifold"):
+                p.add_(1e-3 * torch.randn_like(p))
+    methods.save(unet, tmp_path)
+    fresh = build_unet()
+    fresh.load_state_dict({k: v for k, v in methods.detach(unet).state_dict().items()})
+    assert methods.load(fresh, tmp_path) == info
