@@ -1,4 +1,9 @@
-"""Hydra callback: a sweep ends by printing the leaderboard of the runs it touched (run or skipped)."""
+"""Hydra callback: a sweep ends by printing the leaderboard of the runs it touched (run or skipped).
+
+The board is results.to_markdown's: the base model's row, the lr used (and whether tuned), each metric's mean
+with its hierarchical bootstrap CI, Δ vs LoRA with its CI and Holm-adjusted p, tied ranks, under-budget flags,
+and under it the minimum detectable paired difference per metric. With one method there is no Δ column.
+"""
 
 from __future__ import annotations
 
@@ -36,4 +41,5 @@ class Leaderboard(Callback):
         roots = sorted({str(Path(p).parents[2]) for p in paths})
         print(f"\nLeaderboard ({len(paths)} records in {', '.join(roots)}):\n")
         print(results.to_markdown(board))
-        print(f"\nFull tables: python -m results leaderboard {' '.join(roots)}")
+        print(f"\nFull tables: python -m results leaderboard {' '.join(roots)}"
+              f"  (can this sweep separate its methods? python -m results validity {' '.join(roots)})")

@@ -348,39 +348,44 @@ def critical_difference(table, names: Sequence[str], higher_is_better: bool,
 
 
 def cd_figure(result: CriticalDifference, title: str = ""):
-    """The critical-difference diagram: rank axis (1 = best, left), each method's average rank, a bar of
-    length CD, and thick bars joining methods whose ranks differ by less than CD."""
+    """The critical-difference diagram (Demšar 2006, Fig. 1): a rank axis (1 = best, on the left), each method
+    joined to its average rank, a bar of length CD above the axis, and thick bars under the axis joining methods
+    whose average ranks differ by less than CD (not significantly different)."""
     from matplotlib.figure import Figure
 
     k = len(result.methods)
-    order = np.argsort(result.avg_ranks, kind="stable")
-    height = 1.2 + 0.28 * (k + len(result.cliques))
-    fig = Figure(figsize=(7, height), layout="constrained")
-    ax = fig.subplots()
-    ax.set_xlim(0.5, k + 0.5)
-    ax.set_ylim(-(k / 2 + 1.5 + 0.4 * len(result.cliques)), 1.8)
+    order = list(np.argsort(result.avg_ranks, kind="stable"))
+    left, right = order[:(k + 1) // 2], order[(k + 1) // 2:][::-1]  # the right side counts from the worst
+    step, bars = 0.22, 0.1 + 0.1 * len(result.cliques)
+    bottom = -(bars + step * (max(len(left), len(right)) + 0.5))
+    labels = [f"{name} ({rank:.2f})" for name, rank in zip(result.methods, result.avg_ranks)]
+    margin = 0.3 + 0.062 * max(len(t) for t in labels)  # inches for the labels on each side (8 pt text)
+    width = 4.0 + 2 * margin
+    fig = Figure(figsize=(width, 1.3 + 0.9 * (-bottom)))
+    ax = fig.add_axes((margin / width, 0.02, 4.0 / width, 0.8))
+    ax.set_xlim(1, k)
+    ax.set_ylim(bottom, 0.55)
     ax.axis("off")
     ax.hlines(0, 1, k, color="black", linewidth=1)
     for tick in range(1, k + 1):
-        ax.vlines(tick, 0, 0.15, color="black", linewidth=1)
-        ax.text(tick, 0.25, str(tick), ha="center", va="bottom", fontsize=9)
-    ax.hlines(1.2, 1, 1 + result.cd, color="C3", linewidth=2)
-    ax.text(1 + result.cd / 2, 1.35, f"CD = {result.cd:.2f}", ha="center", va="bottom", fontsize=9, color="C3")
-    half = (k + 1) // 2
-    for place, index in enumerate(order):
-        rank = result.avg_ranks[index]
-        left = place < half
-        level = -(place + 1) * 0.5 if left else -(k - place) * 0.5
-        end = 0.5 if left else k + 0.5
-        ax.plot([rank, rank, end], [0, level, level], color="0.3", linewidth=0.8)
-        ax.text(end + (0.05 if left else -0.05), level, f"{result.methods[index]} ({rank:.2f})",
-                ha="left" if left else "right", va="bottom", fontsize=8)
+        ax.vlines(tick, 0, 0.06, color="black", linewidth=1)
+        ax.text(tick, 0.09, str(tick), ha="center", va="bottom", fontsize=9)
+    ax.hlines(0.4, 1, 1 + result.cd, color="C3", linewidth=2, clip_on=False)
+    ax.text(1 + result.cd / 2, 0.43, f"CD = {result.cd:.2f}", ha="center", va="bottom", fontsize=8, color="C3")
+    for side, members in (("left", left), ("right", right)):
+        for place, index in enumerate(members):
+            rank = result.avg_ranks[index]
+            y = -(bars + step * (place + 1))
+            end = 1 if side == "left" else k
+            ax.plot([rank, rank, end], [0, y, y], color="0.3", linewidth=0.8, clip_on=False)
+            gap = -0.03 * k if side == "left" else 0.03 * k
+            ax.text(end + gap, y, labels[index], ha="right" if side == "left" else "left",
+                    va="center", fontsize=8)
     for row, group in enumerate(result.cliques):
         ranks = [result.avg_ranks[result.methods.index(name)] for name in group]
-        y = -0.25 - 0.25 * row
-        ax.hlines(y, min(ranks) - 0.03, max(ranks) + 0.03, color="C0", linewidth=4)
-    ax.set_title(title or f"Friedman χ² = {result.chi2:.2f}, p = {result.p:.3g}; N = {result.n_blocks} blocks",
-                 fontsize=9)
+        ax.hlines(-0.08 - 0.1 * row, min(ranks) - 0.03, max(ranks) + 0.03, color="black", linewidth=3)
+    fig.suptitle(title or f"Friedman χ² = {result.chi2:.2f}, p = {result.p:.3g}; N = {result.n_blocks} blocks",
+                 fontsize=9, y=0.99)
     return fig
 
 
