@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from results.record import atomic_write
 
 log = logging.getLogger(__name__)
-MATCH = ("task", "model", "model_fingerprint", "budget", "steps")  # what a tuned entry must share with a run
+MATCH = ("task", "model", "model_fingerprint", "budget", "trainable_params", "steps")  # a tuned entry's scope
 
 
 def yaml_lr(cfg: DictConfig) -> float:
@@ -48,16 +48,17 @@ def yaml_lr(cfg: DictConfig) -> float:
     return float(cfg.method.lr) * float(cfg.task.lr_scale)
 
 
-def entry_key(cfg: DictConfig, fingerprint: str) -> dict:
+def entry_key(cfg: DictConfig, fingerprint: str, trainable: int) -> dict:
+    """What a tuned lr was tuned for: task, model weights, budget, the size the budget chose, and steps."""
     return {"task": f"{cfg.task.name}/{cfg.model.name}", "model": cfg.model.path, "model_fingerprint": fingerprint,
-            "budget": cfg.method.get("budget"), "steps": int(cfg.task.steps)}
+            "budget": cfg.method.get("budget"), "trainable_params": trainable, "steps": int(cfg.task.steps)}
 
 
 def read_tuned(path: Path) -> dict:
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
-def learning_rate(cfg: DictConfig, fingerprint: str) -> tuple[float | None, str]:
+def learning_rate(cfg: DictConfig, fingerprint: str, trainable: int) -> tuple[float | None, str]:
     """(lr, source) for this run: the tuned entry of its method when one matches, else the yaml's value."""
     if cfg.method.name == "none":
         return None, "none"
@@ -68,7 +69,7 @@ def learning_rate(cfg: DictConfig, fingerprint: str) -> tuple[float | None, str]
     if entry is None:
         log.info("%s: no tuned learning rate in %s; using the yaml's %.3g", cfg.method.name, path, yaml_lr(cfg))
         return yaml_lr(cfg), "yaml"
-    wanted = entry_key(cfg, fingerprint)
+    wanted = entry_key(cfg, fingerprint, trainable)
     differ = [k for k in MATCH if entry.get(k) != wanted[k]]
     if differ:
         log.warning("%s: the tuned learning rate in %s was tuned for another %s (%s, this run %s); using the yaml's "
@@ -106,7 +107,8 @@ def grid(low: float, high: float, n: int) -> list[float]:
     return [points[i] for i in order]
 
 
-def study(cfg: DictConfig, task, units: list[str], fingerprint: str, job_dir: Path, run_unit) -> float:
+def study(cfg: DictConfig, task, units: list[str], fingerprint: str, trainable: int, job_dir: Path,
+          run_unit) -> float:
     """Tune this job's method: returns the best trial's objective; writes the study summary and tuned.yaml.
 
     `run_unit(cfg, unit, run_dir) -> record` trains and scores one unit with `cfg.lr` (bench.run)."""
@@ -154,7 +156,7 @@ def study(cfg: DictConfig, task, units: list[str], fingerprint: str, job_dir: Pa
         raise RuntimeError(f"{cfg.method.name}: no tuning trial finished ({[t['state'] for t in trials]})")
     best = max(finished, key=lambda t: t["value"])
     summary = {
-        **entry_key(cfg, fingerprint), "method": cfg.method.name, "objective": list(task.objective),
+        **entry_key(cfg, fingerprint, trainable), "method": cfg.method.name, "objective": list(task.objective),
         "units": units, "split": cfg.task.get("split", "test"), "seed": cfg.seed,
         "search": {"low": low, "high": high, "yaml_lr": center, "log_uniform": True},
         "sampler": "log-spaced grid, spread-out order", "pruner": "median (after each unit, 3 startup trials)",
@@ -165,7 +167,7 @@ def study(cfg: DictConfig, task, units: list[str], fingerprint: str, job_dir: Pa
     out.mkdir(parents=True, exist_ok=True)
     study_file = out / f"study-{cfg.method.name}.json"
     atomic_write(study_file, json.dumps(summary, indent=1))
-    entry = {**entry_key(cfg, fingerprint), "lr": best["lr"], "score": round(best["value"], 4),
+    entry = {**entry_key(cfg, fingerprint, trainable), "lr": best["lr"], "score": round(best["value"], 4),
              "yaml_lr": center, "study": study_file.name}
     _update_yaml(out / "tuned.yaml", cfg.method.name, entry)
     log.info("%s: best lr %.3g (objective %.4f, trial %d of %d%s); %s", cfg.method.name, best["lr"], best["value"],

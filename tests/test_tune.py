@@ -52,7 +52,7 @@ def test_study_finds_the_peak_prunes_and_writes_its_files(tmp_path):
     assert cfg.tune.trials == 8
     center = tune.yaml_lr(cfg)
     calls = []
-    best = tune.study(cfg, Task, ["a", "b"], "fp", tmp_path, fake_unit_runner(center * 3, calls))
+    best = tune.study(cfg, Task, ["a", "b"], "fp", 1000, tmp_path, fake_unit_runner(center * 3, calls))
     summary = json.loads((tmp_path / "study-lora.json").read_text())
     lrs = [t["lr"] for t in summary["trials"]]
     assert sorted(lrs) == pytest.approx([center * 10 ** (-1 + 2 * i / 7) for i in range(8)])  # the log grid
@@ -76,7 +76,7 @@ def test_a_diverging_trial_is_a_bad_rate_not_a_broken_study(tmp_path):
         return {"_path": str(run_dir), "run": {"status": "success" if ok else "failed", "error": "Diverged: nan"},
                 "metrics": {"quality": 1.0, "error": 0.0}, "metric_info": INFO}
 
-    tune.study(cfg, Task, ["a"], "fp", tmp_path, run)
+    tune.study(cfg, Task, ["a"], "fp", 1000, tmp_path, run)
     states = [t["state"] for t in json.loads((tmp_path / "study-lora.json").read_text())["trials"]]
     assert "failed: Diverged: nan" in states and "complete" in states
 
@@ -84,23 +84,24 @@ def test_a_diverging_trial_is_a_bad_rate_not_a_broken_study(tmp_path):
 def test_parallel_studies_keep_each_others_entries(tmp_path):
     for method in ("lora", "oft"):
         cfg = config("experiment=tune", f"method={method}", f"tune.output={tmp_path}", "tune.trials=3")
-        tune.study(cfg, Task, ["a"], "fp", tmp_path, fake_unit_runner(tune.yaml_lr(cfg), []))
+        tune.study(cfg, Task, ["a"], "fp", 1000, tmp_path, fake_unit_runner(tune.yaml_lr(cfg), []))
     assert set(yaml.safe_load((tmp_path / "tuned.yaml").read_text())) == {"lora", "oft"}
 
 
 def test_a_run_uses_a_tuned_entry_only_where_it_matches(tmp_path, caplog):
     path = tmp_path / "tuned.yaml"
     cfg = config("method=oft", f"tuned_lrs={path}")
-    assert tune.learning_rate(cfg, "fp") == (tune.yaml_lr(cfg), "yaml")  # no file
-    entry = {**tune.entry_key(cfg, "fp"), "lr": 0.0123}
+    assert tune.learning_rate(cfg, "fp", 1000) == (tune.yaml_lr(cfg), "yaml")  # no file
+    entry = {**tune.entry_key(cfg, "fp", 1000), "lr": 0.0123}
     path.write_text(yaml.safe_dump({"oft": entry}))
-    assert tune.learning_rate(cfg, "fp") == (0.0123, f"tuned: {path}")
-    assert tune.learning_rate(config("method=lora", f"tuned_lrs={path}"), "fp")[1] == "yaml"  # no entry
+    assert tune.learning_rate(cfg, "fp", 1000) == (0.0123, f"tuned: {path}")
+    assert tune.learning_rate(config("method=lora", f"tuned_lrs={path}"), "fp", 1000)[1] == "yaml"  # no entry
     for override in ("task.steps=7", "model.method_budget=60000"):
-        assert tune.learning_rate(config("method=oft", f"tuned_lrs={path}", override), "fp")[1] == "yaml"
-    assert tune.learning_rate(cfg, "retrained weights")[1] == "yaml"
+        assert tune.learning_rate(config("method=oft", f"tuned_lrs={path}", override), "fp", 1000)[1] == "yaml"
+    assert tune.learning_rate(cfg, "retrained weights", 1000)[1] == "yaml"
+    assert tune.learning_rate(cfg, "fp", 999)[1] == "yaml"  # the budget chose another size
     assert "tuned for another" in caplog.text
-    assert tune.learning_rate(config("method=oft", "tuned_lrs=null"), "fp") == (tune.yaml_lr(cfg), "yaml")
+    assert tune.learning_rate(config("method=oft", "tuned_lrs=null"), "fp", 1000) == (tune.yaml_lr(cfg), "yaml")
 
 
 def test_the_default_reads_the_committed_file_of_its_model_and_task():
