@@ -2,17 +2,28 @@
 
     python -m bench -m method=mobius,oft,lora task=dreambooth
     python -m bench --cfg job method=oft
+
+Bad input (bench/validate.py) is one line, `error: <field>: <what is wrong>; allowed: <what>`, exit status 2,
+checked for every job of a sweep before Hydra writes anything. The exit status is 0 when every unit succeeded,
+1 when any failed or a job could not run (the last lines say which and why), 128 + N on signal N (SIGTERM, SIGINT:
+the unit in flight is recorded as interrupted; rerun the same command to resume).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from . import CONF
+from . import CONF, faults
+from .validate import UsageError, check_argv, quiet_libraries
+
 GROUPS = ("method", "task", "model", "logger", "experiment")
+log = logging.getLogger("bench")
+JOB_FAILURES: list[str] = []  # jobs of this process that stopped outside any unit (one line each)
 
 
 def check_group_overrides(argv: list[str]) -> str | None:
@@ -33,18 +44,44 @@ def check_group_overrides(argv: list[str]) -> str | None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from .run import UsageError, run_job
+    from .run import run_job
 
     try:
         return run_job(cfg)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:  # noqa: BLE001 - a job that cannot go on: one line; the other jobs of a sweep go on
+        JOB_FAILURES.append(faults.reason(e))
+        log.error("job failed: %s", faults.reason(e))
+        log.debug("job failure", exc_info=True)
+        return math.nan
+
+
+def finish(argv: list[str]) -> int:
+    """The exit status of a finished command, printing how many units did not succeed and why."""
+    multirun = "-m" in argv or "--multirun" in argv
+    status, lines = faults.outcome(faults.touched(multirun))
+    if JOB_FAILURES:
+        lines += [f"{len(JOB_FAILURES)} job(s) stopped outside a unit:", *(f"- {why}" for why in JOB_FAILURES)]
+        status = 1
+    if lines:
+        print("\n".join(lines), flush=True)
+    return status
 
 
 if __name__ == "__main__":
-    problem = check_group_overrides(sys.argv[1:])
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    main()
+    quiet_libraries()
+    faults.install_signal_handlers()
+    try:
+        problem = check_group_overrides(sys.argv[1:]) or check_argv(sys.argv[1:], CONF)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
+        main()
+    except (faults.Interrupted, KeyboardInterrupt) as e:
+        signum = getattr(e, "signum", 2)
+        print(f"interrupted by {faults.signal.Signals(signum).name}: the unit in flight is recorded as interrupted; "
+              "rerun the same command to resume", file=sys.stderr)
+        sys.exit(128 + signum)
+    sys.exit(finish(sys.argv[1:]))

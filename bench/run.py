@@ -13,7 +13,6 @@ import datetime
 import hashlib
 import logging
 import math
-import os
 import shutil
 import time
 import uuid
@@ -29,19 +28,19 @@ import results
 import tasks
 from results import record as records
 
+from . import faults
 from . import logger as loggers
 from . import models, tune
+from .faults import note_in_sweep
 from .memory import PeakMemory
 from .sample import generate
-from .train import Diverged, encode_examples, finetune
+from .train import encode_examples, finetune
+from .validate import UsageError, from_method_error, typed_keys
+from .validate import check as check_config
 
 log = logging.getLogger(__name__)
 SWEEP_MANIFEST = "PEFTBENCH_SWEEP_MANIFEST"  # set by bench.callbacks: a file listing the records a sweep touched
 VOLATILE = ("logger", "sweep_name", "cache_dir", "tuned_lrs", "lr_source", "tune")  # keys that do not change a result
-
-
-class UsageError(ValueError):
-    """Bad input: the job stops with one line and exit status 2."""
 
 
 def now() -> str:
@@ -97,23 +96,27 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None) -> float:
     """Run every unit of the task for this job's method and seed (with `tune.enabled`: the method's learning-rate
     study on the task's validation units); returns the objective, the mean over units (what sweepers optimise)."""
     job_dir = Path(job_dir or HydraConfig.get().runtime.output_dir)
+    faults.install_signal_handlers()
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     try:
+        check_config(cfg, overrides)  # every value, before any model loads (bench/validate.py)
         task = tasks.create(cfg.task)
         if cfg.method.name != "none" and cfg.method.name not in methods.available():
             raise UsageError(f"method.name: unknown {cfg.method.name!r}; available: {', '.join(methods.available())}")
         device = pick_device(cfg.device)
         model = models.load(cfg.model.path, device=device, name=cfg.model.name)
         units = task.units()
-        if cfg.method.name != "none":  # validate the hyper-parameters before any work
-            info = attach_method(cfg, model.unet)
-            methods.detach(model.unet)
+        info = attach_method(cfg, model.unet)  # validates the hyper-parameters before any work
+        methods.detach(model.unet)
+        if cfg.method.name != "none":
             if info["budget"] is not None:  # say so: the budget, not method.hparams, chose the size
                 log.info("%s sized to method.budget=%d: %s, %d trainable parameters (method.budget=null: "
                          "method.hparams' size)", info["method"], info["budget"], info["hparams"],
                          info["trainable_params"])
-    except (tasks.TaskError, models.ModelNotFound, methods.MethodError) as e:
+    except (UsageError, tasks.TaskError, models.ModelNotFound, methods.MethodError) as e:
         discard_empty(job_dir)
-        raise UsageError(str(e)) from None
+        message = from_method_error(str(e), cfg, typed_keys(overrides)) if isinstance(e, methods.MethodError) else e
+        raise UsageError(str(message)) from None
     fingerprint = model_fingerprint(model)
 
     def unit_record(unit_cfg: DictConfig, unit: str, run_dir: Path) -> dict:
@@ -121,8 +124,8 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None) -> float:
         return records.read_record(run_unit(unit_cfg, config, task, unit, model, run_dir, job_dir))
 
     if cfg.get("tune") and cfg.tune.enabled:
-        return tune.study(cfg, task, units, fingerprint, job_dir, unit_record)
-    lr, source = tune.learning_rate(cfg, fingerprint)
+        return tune.study(cfg, task, units, fingerprint, info["trainable_params"], job_dir, unit_record)
+    lr, source = tune.learning_rate(cfg, fingerprint, info["trainable_params"])
     if cfg.method.name != "none":
         log.info("%s: lr %.3g (%s)", cfg.method.name, lr, source)
     cfg = tune.with_lr(cfg, lr, source)
@@ -135,7 +138,7 @@ def attach_method(cfg, unet) -> dict:
     """Attach the configured method to the UNet's target modules; returns the registry's summary."""
     if cfg.method.name == "none":
         return {"method": "none", "variant": None, "hparams": {}, "trainable_params": 0, "stored_params": 0,
-                "budget": None}
+                "budget": None, "sizing": "none"}
     return methods.attach(unet, cfg.method.name, target_modules=list(cfg.target_modules),
                           budget=cfg.method.get("budget"), variant=cfg.method.get("variant"),
                           **OmegaConf.to_container(cfg.method.hparams))
@@ -145,13 +148,6 @@ def discard_empty(job_dir: Path) -> None:
     """Remove a job directory that holds only Hydra's bookkeeping, so bad input leaves nothing half-written."""
     if job_dir.exists() and not any(job_dir.rglob("record.json")):
         shutil.rmtree(job_dir, ignore_errors=True)
-
-
-def note_in_sweep(path: Path) -> None:
-    manifest = os.environ.get(SWEEP_MANIFEST)
-    if manifest:
-        with open(manifest, "a") as f:  # one short line per append: atomic enough for parallel jobs
-            f.write(f"{path.resolve()}\n")
 
 
 def run_unit(cfg, config, task, unit, model, run_dir: Path, job_dir: Path) -> Path:
@@ -165,12 +161,20 @@ def run_unit(cfg, config, task, unit, model, run_dir: Path, job_dir: Path) -> Pa
     unit_config["model"] = {**unit_config["model"], "fingerprint": fingerprints["model"]}
     config_hash = records.config_hash(unit_config)
     record_path = run_dir / "record.json"
-    if record_path.exists():
-        old = records.read_records([record_path])[0]
-        if old["run"]["status"] == "success" and old["run"]["config_hash"] == config_hash:
-            log.info("%s: already recorded (%s), skipping", unit, config_hash)
-            note_in_sweep(record_path)
-            return record_path
+    old = faults.previous_record(record_path)  # None when absent or unreadable (then redone, with a warning)
+    if old and old["run"]["status"] == "success" and old["run"]["config_hash"] == config_hash:
+        log.info("%s: already recorded (%s), skipping", unit, config_hash)
+        note_in_sweep(record_path)
+        return record_path
+    # Whatever happens from here, the unit ends with a record: failed (any exception, with its one-line reason; the
+    # job goes on) or interrupted (SIGTERM/SIGINT; then the process exits). bench/faults.py.
+    stub = faults.stub_record(f"{cfg.method.name}-{unit}-s{cfg.seed}-{config_hash[:8]}", unit_config, config_hash,
+                              cfg, task, unit)
+    return faults.guard(record_path, stub, cleanup=lambda: methods.detach(model.unet), attempt=lambda: _attempt(
+        cfg, task, unit, model, run_dir, unit_config, config_hash, fingerprints, record_path))
+
+
+def _attempt(cfg, task, unit, model, run_dir, unit_config, config_hash, fingerprints, record_path) -> Path:
     device = model.device
     cache = Path(cfg.cache_dir)
     torch.manual_seed(cfg.seed)
@@ -200,7 +204,7 @@ def run_unit(cfg, config, task, unit, model, run_dir: Path, job_dir: Path) -> Pa
                 "created_at": created, "finished_at": None, "wall_seconds": None},
         "task": {"name": task.name, "dataset": task.dataset, "subject": unit, "model": cfg.model.name},
         "method": {"name": method_cfg.name, "variant": summary.get("variant"), "hparams": summary["hparams"],
-                   "budget": summary.get("budget"), "trainable_params": summary["trainable_params"],
+                   "budget": summary.get("budget"), "sizing": summary.get("sizing"), "trainable_params": summary["trainable_params"],
                    "stored_params": summary["stored_params"], "adapter_bytes": 0, "lr": cfg.lr,
                    "lr_source": cfg.lr_source},
         "baseline": {"metrics": baseline.metrics},
@@ -238,9 +242,9 @@ def run_unit(cfg, config, task, unit, model, run_dir: Path, job_dir: Path) -> Pa
         record["run"]["status"] = "success"
         tracker.image("samples", grid)
         tracker.table("per_prompt", scores.rows)
-    except (Diverged, torch.OutOfMemoryError, RuntimeError) as e:
+    except Exception as e:  # any fault (divergence, out of memory, bad data naming its file, ...): the sweep goes on
         record["run"]["status"] = "failed"
-        record["run"]["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        record["run"]["error"] = faults.reason(e)
         log.error("%s failed: %s", record["run"]["id"], record["run"]["error"])
     finally:
         if method_cfg.name != "none":

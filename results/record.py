@@ -2,6 +2,15 @@
 
 `record.json` in a run's directory is the contract between the runner (bench) and this package; its shape is
 described in results/README.md. Everything here is standard library only, so the runner can import it cheaply.
+
+Writes are atomic (a temporary file in the same folder, fsync, os.replace): a crash or kill at any moment, or a
+full disk, leaves the previous file intact. Reading a folder skips records that are not JSON (corrupt, truncated)
+with a one-line warning each; records that are JSON but break the schema are errors.
+
+Test hook (fault tests only): `PEFTBENCH_FAULT_DELAY="write=S,read=S"` sleeps S seconds inside every atomic write
+(the temporary file written, not yet renamed) and before `read_records` reads (the sweep-end leaderboard), after
+printing `[fault hook] <point> <path>` on stderr, so that a kill in tests/test_faults.py can land there. Unset, it
+costs one environment lookup.
 """
 
 from __future__ import annotations
@@ -16,7 +25,9 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -24,13 +35,30 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 RECORD_NAME = "record.json"
-STATUSES = ("success", "failed", "running", "skipped")
+STATUSES = ("success", "failed", "running", "skipped", "interrupted")
+FAULT_DELAY = "PEFTBENCH_FAULT_DELAY"
 REQUIRED = {"run": ("id", "status", "config_hash", "seed"), "task": ("name",), "method": ("name",)}
 PACKAGES = ("torch", "diffusers", "transformers", "peft")
 
 
 class RecordError(ValueError):
     """A record (or a set of records) that cannot be written or read; the message is one line."""
+
+
+class CorruptRecord(RecordError):
+    """A record file that is not JSON: cut short by a crash, a full disk or a copy; redone by a rerun."""
+
+
+def _fault_delay(point: str, what: object = "") -> None:
+    """The test hook (see the module docstring): at `point` ("write" or "read"), when asked to, say so on stderr
+    (`[fault hook] <point> <what>`) and sleep."""
+    spec = os.environ.get(FAULT_DELAY)
+    if spec:
+        for item in spec.split(","):
+            name, _, seconds = item.partition("=")
+            if name.strip() == point:
+                print(f"[fault hook] {point} {what}", file=sys.stderr, flush=True)
+                time.sleep(float(seconds))
 
 
 def config_hash(config: dict) -> str:
@@ -128,6 +156,7 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        _fault_delay("write", path)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -189,9 +218,9 @@ def read_record(path: Path) -> dict:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise RecordError(f"{path}: malformed JSON (line {e.lineno}: {e.msg})") from None
+        raise CorruptRecord(f"{path}: malformed JSON (line {e.lineno}: {e.msg})") from None
     except UnicodeDecodeError:
-        raise RecordError(f"{path}: malformed JSON (not UTF-8 text)") from None
+        raise CorruptRecord(f"{path}: malformed JSON (not UTF-8 text)") from None
     try:
         validate(record)
     except RecordError as e:
@@ -201,11 +230,27 @@ def read_record(path: Path) -> dict:
 
 
 def read_records(paths: list[str | Path]) -> list[dict]:
-    """All records in the given record.json files or directories (searched recursively, *.tmp ignored)."""
+    """All records in the given record.json files or directories (searched recursively, *.tmp ignored).
+
+    A record found in a directory that is not JSON (corrupt, truncated) is skipped with a one-line warning, so one
+    damaged file does not hide a sweep's results; a file named explicitly, or a record that breaks the schema, is
+    an error."""
+    _fault_delay("read")
+    named = {Path(p).resolve() for p in paths if Path(p).is_file()}
     files = _record_files(paths)
-    if not files:
-        raise RecordError(f"no records ({RECORD_NAME}) found under {', '.join(map(str, paths)) or 'no paths'}")
-    return [read_record(f) for f in files]
+    found, skipped = [], []
+    for f in files:
+        try:
+            found.append(read_record(f))
+        except CorruptRecord as e:
+            if f in named:
+                raise
+            log.warning("ignoring unreadable record: %s", e)
+            skipped.append(str(e))
+    if not found:
+        why = f" ({len(skipped)} unreadable, e.g. {skipped[0]})" if skipped else ""
+        raise RecordError(f"no records ({RECORD_NAME}) found under {', '.join(map(str, paths)) or 'no paths'}{why}")
+    return found
 
 
 def find_record(root: str | Path, config_hash: str) -> dict | None:
