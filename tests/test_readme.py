@@ -1,0 +1,88 @@
+"""Every `python -m bench` and `python -m results` command shown in README.md runs, so no example rots.
+
+How each is run (HOW below; a README command missing from it fails the test, so a new example gets a line):
+- "run": as written (help, composed config, the results commands on the records the bench commands wrote);
+- "smoke": as written plus SMOKE after it (Hydra's later overrides win): seconds-long training, one subject, and the
+  README's sweep name, so that `multirun/dreambooth` holds the records the results commands read;
+- "check": composed and validated for every job of the sweep (bench.validate.check_argv, what runs before any job
+  starts), not trained, because it needs what this machine cannot have: Stable Diffusion weights and DreamBench
+  (experiment=oft_table1, stood in for by a tiny SD-layout model and a tiny DreamBench folder so the model and data
+  checks run too), or a SLURM cluster (hydra/launcher=slurm).
+The `python -m bench.micro` / `python -m bench.perf` commands are other programs (60 minutes of pretraining, a
+profiling run) and are not covered here.
+"""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import CONF
+from bench.validate import check_argv
+from tiny_models import save_dreambench, save_tiny_sd
+
+README = Path(__file__).parents[1] / "README.md"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "2"}
+SMOKE = ["experiment=smoke", "sweep_name=dreambooth", "task.subjects=[checker]", "task.steps=4"]
+HOW = {
+    "python -m bench -m method=mobius,oft,lora task=dreambooth": "smoke",
+    "python -m bench --help": "run",
+    "python -m bench --cfg job method=oft": "run",
+    "python -m bench -m method=lora,dora model.method_budget=60000": "smoke",
+    "python -m bench method=oft method.budget=null method.hparams.blocks=8 task.steps=400": "smoke",
+    "python -m bench -m experiment=oft_table1 method=oft,lora model.path=/path/to/stable-diffusion-v1-5 "
+    "task.root=/path/to/dreambooth": "check",
+    "python -m bench -m hydra/launcher=slurm hydra.launcher.partition=gpu method=oft,boft,lora seed=0,1,2": "check",
+    "python -m results leaderboard multirun/dreambooth": "run",
+    "python -m results pareto multirun/dreambooth --y micro_subject_fidelity -o pareto.png": "run",
+    "python -m results paper oft_table1": "run",
+    "python -m results report multirun/dreambooth -o report.html": "run",
+}
+
+
+def readme_commands() -> list[str]:
+    """The `python -m bench|results ...` commands in README.md's code blocks and inline code, in order (inline, a
+    bare `python -m bench` names the program in prose and is not an example)."""
+    text = README.read_text()
+    found = []
+    for block in re.finditer(r"```[a-z]*\n(.*?)```|`([^`\n]+)`", text, flags=re.S):
+        for line in (block.group(1) or block.group(2)).splitlines():
+            for part in line.split("&&"):
+                command = " ".join(part.split("  #")[0].split())
+                bare = re.fullmatch(r"python -m (bench|results)", command)
+                if re.match(r"python -m (bench|results)(\s|$)", command) and not (bare and block.group(2)):
+                    found.append(command)
+    return found
+
+
+def test_every_readme_command_is_covered():
+    assert sorted(set(readme_commands())) == sorted(HOW), "a README command changed: update HOW in this test"
+
+
+@pytest.mark.slow
+def test_readme_commands_run(tmp_path):
+    sd, bench_root = save_tiny_sd(tmp_path / "fixtures" / "sd"), save_dreambench(tmp_path / "fixtures" / "bench")
+    work = tmp_path / "work"
+    work.mkdir()
+    order = sorted(readme_commands(), key=lambda c: "python -m results" in c)  # records first, then results
+    for command in dict.fromkeys(order):
+        how = HOW[command]
+        args = shlex.split(command)[3:]
+        if how == "check":
+            args = [a.replace("/path/to/stable-diffusion-v1-5", str(sd)).replace("/path/to/dreambooth", str(bench_root))
+                    for a in args]
+            assert check_argv(args, CONF) is None, command
+            continue
+        if how == "smoke":
+            args += SMOKE + [f"cache_dir={tmp_path}/cache"]
+        out = subprocess.run([sys.executable, "-m", shlex.split(command)[2], *args], cwd=work, env=ENV,
+                             capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, f"{command}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+        assert "Traceback" not in out.stderr, command
+    assert (work / "pareto.png").is_file() and (work / "report.html").is_file()
+    records = list((work / "multirun" / "dreambooth").rglob("record.json")) + list((work / "outputs").rglob("record.json"))
+    assert len(records) == 6  # mobius, oft, lora; lora, dora at 60k; oft with 8 blocks
