@@ -40,7 +40,7 @@ from .validate import check as check_config
 
 log = logging.getLogger(__name__)
 SWEEP_MANIFEST = "PEFTBENCH_SWEEP_MANIFEST"  # set by bench.callbacks: a file listing the records a sweep touched
-VOLATILE = ("logger", "sweep_name", "cache_dir", "tuned_lrs", "lr_source", "tune")  # keys that do not change a result
+VOLATILE = ("logger", "sweep_name", "cache_dir", "tuned_lrs", "lr_source", "tune", "threads")  # keys that do not change a result
 
 
 def now() -> str:
@@ -100,6 +100,8 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None) -> float:
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     try:
         check_config(cfg, overrides)  # every value, before any model loads (bench/validate.py)
+        if cfg.get("threads"):
+            torch.set_num_threads(int(cfg.threads))
         task = tasks.create(cfg.task)
         if cfg.method.name != "none" and cfg.method.name not in methods.available():
             raise UsageError(f"method.name: unknown {cfg.method.name!r}; available: {', '.join(methods.available())}")

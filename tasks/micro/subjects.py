@@ -144,10 +144,11 @@ SUBJECTS: dict[str, Subject] = {
 VALIDATION = ("ring_square", "saltire_circle", "diagonal_triangle", "bullseye_cross")
 TEST = tuple(n for n in SUBJECTS if n not in VALIDATION)
 
-# The subjects a run trains when `task.subjects` is null: the first test subject of each class word. Four subjects x
-# three methods is what the main sweep (`python -m bench -m method=mobius,oft,lora task=dreambooth`) fits in 10
-# minutes on 2 cores.
-DEFAULT = ("checker", "bullseye", "stripes", "dotted")
+# The subjects a run trains when `task.subjects` is null: two test subjects per class word. Eight, because the paired
+# sign-flip test over units cannot reach p < 0.05 with fewer than six units (its smallest p is 2/2^n), and Holm over
+# the main sweep's comparisons asks for less than that; eight subjects x three methods at 100 steps is what the main
+# sweep (`python -m bench -m method=mobius,oft,lora task=dreambooth`) fits in about 10 minutes on 2 cores.
+DEFAULT = ("checker", "bullseye", "stripes", "dotted", "window", "split", "split_triangle", "tophalf_cross")
 
 REFERENCE_POSITIONS = (4, 0, 8, 2, 6)  # centre, then the four corners
 
