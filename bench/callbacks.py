@@ -1,4 +1,5 @@
-"""Hydra callback: a sweep ends by printing the leaderboard of the runs it touched (run or skipped).
+"""Hydra callback: a sweep ends by printing the leaderboard of the runs it touched (run or skipped); a tuning sweep
+(experiment=tune) ends by printing its tuned learning rates.
 
 The board is results.to_markdown's: the base model's row, the lr used (and whether tuned), each metric's mean
 with its hierarchical bootstrap CI, Δ vs LoRA with its CI and Holm-adjusted p, tied ranks, under-budget flags,
@@ -17,6 +18,7 @@ from omegaconf import DictConfig
 import results
 from results.record import RecordError
 
+from . import tune
 from .run import SWEEP_MANIFEST
 
 
@@ -28,6 +30,12 @@ class Leaderboard(Callback):
         os.environ[SWEEP_MANIFEST] = str(manifest)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if config.get("tune") and config.tune.enabled:  # a tuning sweep's result is its learning rates
+            output = Path(config.tune.output)
+            print(f"\nTuned learning rates ({output / 'tuned.yaml'}; every trial in study-<method>.json):\n")
+            print(tune.summary_table(output))
+            print(f"\nTest runs with them: python -m bench -m experiment=tuned method=... task={config.task.name}")
+            return
         manifest = Path(os.environ.get(SWEEP_MANIFEST, ""))
         paths = sorted(set(manifest.read_text().split())) if manifest.is_file() else []
         if not paths:

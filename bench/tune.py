@@ -185,3 +185,19 @@ def _update_yaml(path: Path, method: str, entry: dict) -> None:
                   "# written by `python -m bench -m experiment=tune method=... task=...`; study-<method>.json holds\n"
                   "# every trial. A run uses an entry only where task, model weights, budget and steps match.\n")
         atomic_write(path, header + yaml.safe_dump(OmegaConf.to_container(OmegaConf.create(data)), sort_keys=True))
+
+
+def summary_table(output: Path) -> str:
+    """The tuned learning rates of the studies in `output` as Markdown: one row per method, with its trials."""
+    import pandas as pd
+
+    rows = []
+    for method, entry in sorted(read_tuned(output / "tuned.yaml").items()):
+        study = json.loads((output / entry["study"]).read_text())
+        states = [t["state"].split(" ")[0].rstrip(":") for t in study["trials"]]
+        rows.append({"method": method, "yaml lr": f"{entry['yaml_lr']:.3g}", "tuned lr": f"{entry['lr']:.3g}",
+                     "objective": entry["score"], "trials": len(states), "pruned": states.count("pruned"),
+                     "failed": states.count("failed"), "at range edge": "yes" if study["best_at_edge"] else "",
+                     "minutes": round(study["wall_seconds"] / 60, 1)})
+    return pd.DataFrame(rows).to_markdown(index=False) if rows else "no study finished"
+

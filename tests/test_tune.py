@@ -86,6 +86,8 @@ def test_parallel_studies_keep_each_others_entries(tmp_path):
         cfg = config("experiment=tune", f"method={method}", f"tune.output={tmp_path}", "tune.trials=3")
         tune.study(cfg, Task, ["a"], "fp", 1000, tmp_path, fake_unit_runner(tune.yaml_lr(cfg), []))
     assert set(yaml.safe_load((tmp_path / "tuned.yaml").read_text())) == {"lora", "oft"}
+    table = tune.summary_table(tmp_path).splitlines()
+    assert len(table) == 4 and table[2].startswith("| lora") and table[3].startswith("| oft")
 
 
 def test_a_run_uses_a_tuned_entry_only_where_it_matches(tmp_path, caplog):
