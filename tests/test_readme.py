@@ -7,7 +7,8 @@ How each is run (HOW below; a README command missing from it fails the test, so 
 - "check": composed and validated for every job of the sweep (bench.validate.check_argv, what runs before any job
   starts), not trained, because it needs what this machine cannot have: Stable Diffusion weights and DreamBench
   (experiment=oft_table1, stood in for by a tiny SD-layout model and a tiny DreamBench folder so the model and data
-  checks run too), or a SLURM cluster (hydra/launcher=slurm).
+  checks run too), or a SLURM cluster (hydra/launcher=slurm); the tuning commands (experiment=tune/tuned, whose
+  smoke version is run in-process by tests/test_tune.py: a smoke override here would replace the experiment).
 The `python -m bench.micro` / `python -m bench.perf` commands are other programs (60 minutes of pretraining, a
 profiling run) and are not covered here.
 """
@@ -37,7 +38,11 @@ HOW = {
     "python -m bench -m experiment=oft_table1 method=oft,lora model.path=/path/to/stable-diffusion-v1-5 "
     "task.root=/path/to/dreambooth": "check",
     "python -m bench -m hydra/launcher=slurm hydra.launcher.partition=gpu method=oft,boft,lora seed=0,1,2": "check",
+    "python -m bench -m experiment=tune method=lora,oft task=dreambooth": "check",
+    "python -m bench -m experiment=tuned method=lora,oft task=dreambooth": "check",
     "python -m results leaderboard multirun/dreambooth": "run",
+    "python -m results leaderboard multirun/dreambooth --csv out.csv --latex out.tex": "run",
+    "python -m results validity multirun/dreambooth": "run",
     "python -m results pareto multirun/dreambooth --y micro_subject_fidelity -o pareto.png": "run",
     "python -m results paper oft_table1": "run",
     "python -m results report multirun/dreambooth -o report.html": "run",
