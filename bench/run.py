@@ -3,7 +3,9 @@
 A Hydra job runs one (method, task, model, seed); the task splits it into units (DreamBooth: one per subject),
 and each unit gets its own adapter, its own directory and its own `record.json`. A unit whose record already
 says "success" with the same config hash is skipped, so a killed sweep resumes where it stopped; a unit that
-fails (NaN loss, out of memory) is recorded as failed with its reason and the job goes on.
+fails (any exception: NaN loss, out of memory, a corrupt image naming its file, ...) is recorded as failed with its
+one-line reason and the job goes on; SIGTERM/SIGINT record the unit in flight as interrupted (bench/faults.py).
+The config is validated before any model loads (bench/validate.py).
 """
 
 from __future__ import annotations

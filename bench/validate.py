@@ -432,6 +432,15 @@ def _check_method(cfg, typed) -> None:
         warnings.simplefilter("ignore")
         import methods
 
+        module = cfg.method.get("module")
+        if module:  # a method outside the package registers itself when imported
+            import importlib
+
+            try:
+                importlib.import_module(str(module))
+            except Exception as e:  # noqa: BLE001 - whatever the import raises, in one line
+                raise UsageError(f"method.module: cannot import {module!r} ({_one_line(str(e)) or type(e).__name__}); "
+                                 "allowed: an importable module that registers the method") from None
         if cfg.method.name not in methods.available():
             raise UsageError(f"method.name: {cfg.method.name!r} is not a registered method; allowed: "
                              + ", ".join(methods.available()))

@@ -254,18 +254,26 @@ def test_sigterm_records_interrupted_exits_143_and_a_rerun_redoes_it(tmp_path):
 # One uninterrupted smoke sweep measured 60-170 s on this 2-core machine (load from other sessions).
 SWEEP = ["-m", "experiment=smoke", "method=lora,oft"]
 HOOK = {"PEFTBENCH_FAULT_DELAY": "write=0.5,read=2.5"}
-ROUNDS = [  # (trigger, low, high): kill uniformly between low and high seconds after the trigger
-    ("start", 0.5, 4.0),                  # imports, Hydra start
-    (r"#0 : ", 0.0, 3.0),                 # job 0: validation, model load, first baseline
-    ("running", 0.0, 3.0),                # a unit in flight: training, sampling, scoring
-    (r"\[fault hook\] write", 0.0, 0.3),  # inside a record write (temporary file written, not renamed)
-    ("running", 1.0, 5.0),
-    (r"#1 : ", 0.0, 2.0),                 # job 1 (oft) starting
-    (r"\[fault hook\] write", 0.0, 0.3),
-    ("running", 0.0, 4.0),
-    (r"\[fault hook\] write", 0.0, 0.3),
-    (r"\[fault hook\] read", 0.0, 2.0),   # the sweep-end leaderboard callback
-    (r"\[fault hook\] read", 0.5, 2.0),
+
+
+def write_of(method: str, subject: str) -> str:  # the hook's line for a write of that unit's record.json
+    return rf"\[fault hook\] write \S*method={method}/{subject}/record\.json"
+
+
+# (where, trigger, n, low, high): kill uniformly between low and high seconds after the n-th output line matching
+# trigger ("start": the process start). Units run lora/checker, lora/bullseye, oft/checker, oft/bullseye; a unit's
+# first record write is its `running` record (before training), its second the final one.
+ROUNDS = [
+    ("imports, Hydra start, validation, model load", "start", 1, 0.5, 8.0),
+    ("unit 1 in flight", write_of("lora", "checker"), 1, 0.6, 5.0),
+    ("inside unit 1's final record write", write_of("lora", "checker"), 2, 0.0, 0.4),
+    ("unit 2 in flight", write_of("lora", "bullseye"), 1, 0.6, 5.0),
+    ("inside unit 2's final record write", write_of("lora", "bullseye"), 2, 0.0, 0.4),
+    ("job 2 (oft) starting", r"#1 : ", 1, 0.0, 3.0),
+    ("inside unit 3's running-record write", write_of("oft", "checker"), 1, 0.0, 0.4),
+    ("unit 3 in flight", write_of("oft", "checker"), 1, 0.6, 5.0),
+    ("inside unit 4's final record write", write_of("oft", "bullseye"), 2, 0.0, 0.4),
+    ("the sweep-end leaderboard callback", r"\[fault hook\] read", 1, 0.0, 2.4),
 ]
 
 
@@ -280,25 +288,19 @@ def _snapshot(root: Path) -> str:
 
 @pytest.mark.slow
 def test_kill_9_anywhere_then_rerun_leaves_one_successful_record_per_unit(tmp_path):
-    rng = random.Random(int(os.environ.get("PEFTBENCH_FAULT_SEED", time.time())))
+    seed = int(os.environ.get("PEFTBENCH_FAULT_SEED", time.time()))  # set it to replay a run's kill times
+    rng = random.Random(seed)
     root = tmp_path / "multirun" / "smoke"
     args = [sys.executable, "-m", "bench", *SWEEP, f"cache_dir={tmp_path}/cache"]
-    report, started = [], time.time()
-    for i, (trigger, low, high) in enumerate(ROUNDS):
+    report, started = [f"PEFTBENCH_FAULT_SEED={seed}"], time.time()
+    for i, (label, trigger, n, low, high) in enumerate(ROUNDS):
         out_path = tmp_path / f"round{i}.txt"
         with open(out_path, "w") as out:
             proc = subprocess.Popen(args, cwd=tmp_path, env={**ENV, **HOOK}, stdout=out, stderr=subprocess.STDOUT)
         t0, fired = time.time(), None
         while proc.poll() is None and time.time() - t0 < 400:
-            if trigger == "start":
-                fired = t0
-            elif trigger == "running":
-                if any(read_ok(p).get("status") == "running" for p in root.rglob("record.json")
-                       if p.stat().st_mtime >= t0):
-                    fired = time.time()
-            elif re.search(trigger, out_path.read_text(errors="replace")):
+            if trigger == "start" or len(re.findall(trigger, out_path.read_text(errors="replace"))) >= n:
                 fired = time.time()
-            if fired:
                 break
             time.sleep(0.02)
         delay = rng.uniform(low, high)
@@ -306,11 +308,11 @@ def test_kill_9_anywhere_then_rerun_leaves_one_successful_record_per_unit(tmp_pa
             time.sleep(max(0.0, fired + delay - time.time()))
         alive = proc.poll() is None
         text = out_path.read_text(errors="replace").strip().splitlines()
-        where = next((line for line in reversed(text) if line.strip() and "it/s]" not in line), "")[-90:]
+        where = next((line for line in reversed(text) if line.strip() and "%|" not in line), "")[-90:]
         state = _snapshot(root)
         proc.kill()
         proc.wait()
-        report.append(f"round {i}: {trigger!r}+{delay:.1f}s at {time.time() - t0:.1f}s "
+        report.append(f"round {i} ({label}): +{delay:.1f}s at {time.time() - t0:.1f}s "
                       f"{'killed' if alive else 'ended first'}; last line: {where!r}; records: {state}")
         for p in root.rglob("record.json"):  # whatever the moment, every record on disk is whole
             assert read(p)["run"]["status"] in ("running", "success", "failed", "interrupted"), p
@@ -324,10 +326,3 @@ def test_kill_9_anywhere_then_rerun_leaves_one_successful_record_per_unit(tmp_pa
         ("lora", "bullseye"), ("lora", "checker"), ("oft", "bullseye"), ("oft", "checker")]
     assert all(r["run"]["status"] == "success" for r in recs)
     assert not list(root.rglob("*.tmp")) and "Leaderboard (4 records" in out.stdout
-
-
-def read_ok(path: Path) -> dict:
-    try:
-        return read(path)["run"]
-    except (OSError, ValueError, KeyError):
-        return {}
