@@ -2,9 +2,14 @@
 
 Depends on torch (plus geoopt for SODA's Stiefel factors and safetensors for adapter files) and nothing else of
 the project; `methods.reference` alone imports Hugging Face peft. See docs/methods.md for every formula.
+
+Every module of this folder is a method module that registers itself (`@register("<name>")`), except names
+starting with "_" and `registry.INFRASTRUCTURE` (attach, base, checks, reference, registry); importing the package
+imports them all (`registry.discover`). Methods elsewhere: `methods.import_module("my_package.my_method")` (a run's
+`method.module`) or the `peftbench.methods` entry-point group (docs/adding-a-method.md). `python -m methods check
+<module or name>` runs the property checks (`methods.checks`) on them.
 """
 
-from methods import boft, dora, full, lora, mobius, oft, soda, svd_scaling  # noqa: F401  (register the methods)
 from methods.attach import (
     DEFAULT_TARGETS,
     adapters,
@@ -18,7 +23,9 @@ from methods.attach import (
     trainable_parameters,
 )
 from methods.base import Adapter, LayerShape
-from methods.registry import MethodError, available, create, register
+from methods.registry import MethodError, available, create, discover, import_module, register
+
+discover()  # every method module of this package registers its methods
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -30,6 +37,8 @@ __all__ = [
     "available",
     "create",
     "detach",
+    "discover",
+    "import_module",
     "load",
     "merge",
     "optimizer",

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from methods.base import Adapter, LayerShape, make_groups
-from methods.registry import MethodError, fail, fmt, full_hparams, method_class, resolve_variant
+from methods.registry import MethodError, check_kind, fail, fmt, full_hparams, method_class, resolve_variant
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 WEIGHTS_FILE, CONFIG_FILE = "adapter.safetensors", "adapter.json"
@@ -59,6 +59,8 @@ def attach(model: nn.Module, name: str, target_modules=None, budget: int | None 
         raise fail("target_modules", patterns, "match no module", type(model).__name__, "qualified-name suffixes "
                    "such as 'to_q', or 're:<regex>' matching whole names")
     shapes = [LayerShape.of(m, n) for n, m in layers]
+    for shape in shapes:
+        check_kind(cls, shape)
     sizing = sizing_of(cls, budget)
     if sizing == "budget ignored":
         _check_budget(budget)

@@ -470,6 +470,14 @@ class Adapter(nn.Module):
     budget_ignored: ClassVar[bool] = False  # a reference method (full fine-tuning) that no budget sizes
     variants: ClassVar[dict] = {}
     default_variant: ClassVar[str | None] = None
+    # --- what the property checks (methods.checks) and bench.perf read; nothing else names a method -------------
+    kinds: ClassVar[tuple[str, ...]] = ("linear", "conv2d")  # the layer kinds it adapts (others: a clear error)
+    identity_at_init: ClassVar[bool] = True  # W' = W at initialisation (False: the paper's init, say so in the doc)
+    # small hyper-parameters, by name, valid on every layer the checks use (d_in 16, 24, 32, 36, 64 and 72: a
+    # Linear's in_features, a Conv2d's c_in·k·k); the first is the main one. Default: the method's defaults.
+    examples: ClassVar[dict[str, dict]] = {"default": {}}
+    perf_target: ClassVar[float] = 2.0  # bench.perf: forward+backward time / frozen layer at >= 1024 tokens
+    peft_perf_target: ClassVar[tuple[float, float] | None] = None  # bench.perf: (time, memory) / peft's layer
     token_cost: int | None = None  # cost per token of forward_input (see `narrow`); None: no input-side path
     build_cost: int | None = None  # multiply-adds to build W' (None: about token_cost per output row)
 
@@ -489,6 +497,12 @@ class Adapter(nn.Module):
     @classmethod
     def resolve(cls, shape: LayerShape, hp: dict) -> dict:
         raise NotImplementedError
+
+    @classmethod
+    def sides(cls) -> tuple[str, ...]:
+        """Where the forward pass may work: "weight" (rebuild W') always, "input" too where the method defines
+        `forward_input` (it runs there for the layers whose `token_cost` it sets)."""
+        return ("input", "weight") if cls.forward_input is not Adapter.forward_input else ("weight",)
 
     @classmethod
     def count(cls, shape: LayerShape, hp: dict, variant: str | None = None) -> int:

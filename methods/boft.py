@@ -65,6 +65,14 @@ class BOFT(Adapter):
     defaults = {"block_size": 8, "factors": 2, "conv_block_size": None}
     sized_by = ("block_size",)
     also_sized = ("conv_block_size",)
+    examples = {
+        "default": {"block_size": 2, "factors": 2},
+        "block4": {"block_size": 4, "factors": 2},
+        "factors3": {"block_size": 2, "factors": 3},
+        "conv_block_size": {"block_size": 4, "factors": 2, "conv_block_size": 6},
+    }
+    perf_target = 1.3
+    peft_perf_target = (0.8, 1.0)
 
     def __init__(self, layer, shape, hp, variant=None):
         super().__init__(layer, shape, hp, variant)

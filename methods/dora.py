@@ -20,6 +20,8 @@ from methods.registry import register
 
 @register("dora")
 class DoRA(LoRA):
+    examples = {"default": {"rank": 3}}
+    perf_target = 2.0
     def __init__(self, layer, shape, hp, variant=None):
         super().__init__(layer, shape, hp, variant)
         self.m = nn.Parameter(self.frozen_weight().detach().norm(dim=1))

@@ -23,6 +23,8 @@ from methods.registry import fail, register
 class LoRA(Adapter):
     defaults = {"rank": 4, "alpha": None}  # alpha None: α = r
     sized_by = ("rank",)
+    examples = {"default": {"rank": 3, "alpha": 6}}
+    perf_target = 1.3
 
     def __init__(self, layer, shape, hp, variant=None):
         super().__init__(layer, shape, hp, variant)

@@ -124,6 +124,7 @@ class Mobius(Adapter):
     defaults = {"blocks": 4, "block_size": None, "conv_channels": None}
     sized_by = ("blocks", "block_size")
     also_sized = ("conv_channels",)  # as OFT: Conv2d blocks of whole input channels
+    examples = {"default": {"blocks": 4}, "blocks2": {"blocks": 2}, "conv_channels": {"blocks": 2, "conv_channels": 1}}
     variants = BOOSTS
     default_variant = "conformal"
 

@@ -53,6 +53,15 @@ class OFT(Adapter):
                 "cayley": "exact", "neumann_terms": 5}
     sized_by = ("blocks", "block_size")
     also_sized = ("conv_channels",)
+    examples = {
+        "default": {"blocks": 4},
+        "block_size": {"block_size": 2},
+        "coft": {"blocks": 4, "coft": True, "eps": 1e-2},
+        "neumann": {"block_size": 4, "cayley": "neumann", "neumann_terms": 6},
+        "conv_channels": {"blocks": 4, "conv_channels": 2},  # a Conv2d: blocks of 2 whole input channels
+    }
+    perf_target = 1.3
+    peft_perf_target = (0.8, 1.0)
 
     def __init__(self, layer, shape, hp, variant=None):
         super().__init__(layer, shape, hp, variant)

@@ -1,12 +1,27 @@
 """The method registry: `@register("name")` on an Adapter class, `create(name, layer, ...)`, `available()`.
 
+Where methods come from (docs/adding-a-method.md):
+
+1. **In the package**: `import methods` imports every module of the `methods/` folder (`discover`) except the
+   names starting with "_" and the infrastructure modules in `INFRASTRUCTURE`; a method module registers its
+   classes with `@register("<name>")`. Adding a method is one file there plus one yaml in conf/method/.
+2. **An import path** (`method.module: my_package.my_method` in a run's config, `import_module`): imported before
+   the method name is looked up; importing it runs its `@register`.
+3. **The `peftbench.methods` entry-point group** of installed distributions, loaded on the first `available()`
+   (or the first lookup of a name not registered yet): `name = "my_package.my_method"` (a module that registers
+   itself) or `name = "my_package.my_method:MyMethod"` (an Adapter class, registered as `name` if it is not yet).
+
 Every hyper-parameter problem raises `MethodError` (a `ValueError`) with a one-line message naming the field,
 the layer and the allowed values, so that a bad sweep entry fails at once and says what to change.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+import warnings
 from collections.abc import Mapping, Sequence
+from importlib import metadata
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -15,6 +30,10 @@ if TYPE_CHECKING:
     from methods.base import Adapter
 
 _REGISTRY: dict[str, type[Adapter]] = {}
+# modules of the methods package that are not methods (the machinery, the property checks, the peft reference)
+INFRASTRUCTURE = frozenset({"attach", "base", "checks", "reference", "registry"})
+ENTRY_POINT_GROUP = "peftbench.methods"
+_entry_points_loaded = False
 
 
 class MethodError(ValueError):
@@ -38,12 +57,18 @@ def fail(field: str, value, problem: str, layer: str, allowed) -> MethodError:
     return MethodError(f"method.{field}: {fmt(value)} {problem}{where} (allowed: {allowed})")
 
 
+def _where(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def register(name: str):
-    """Class decorator: make an Adapter subclass available as `name`."""
+    """Class decorator: make an Adapter subclass available as `name`. The same class registered again (its module
+    imported a second time) replaces the first; another class under a taken name is an error."""
 
     def wrap(cls):
-        if name in _REGISTRY:
-            raise MethodError(f"method.name: {name!r} is registered twice ({_REGISTRY[name].__name__}, {cls.__name__})")
+        if name in _REGISTRY and _where(_REGISTRY[name]) != _where(cls):
+            raise MethodError(f"method.name: {name!r} is registered twice ({_where(_REGISTRY[name])}, "
+                              f"{_where(cls)}) (allowed: one class per name)")
         cls.method = name
         _REGISTRY[name] = cls
         return cls
@@ -51,11 +76,74 @@ def register(name: str):
     return wrap
 
 
+def discover() -> list[str]:
+    """Import every method module of the methods package: all modules but "_"-prefixed ones and INFRASTRUCTURE.
+    Returns the module names imported."""
+    import methods
+
+    found = sorted(m.name for m in pkgutil.iter_modules(methods.__path__)
+                   if not m.name.startswith("_") and m.name not in INFRASTRUCTURE)
+    for name in found:
+        importlib.import_module(f"methods.{name}")
+    return found
+
+
+def registered_by(module: str) -> list[str]:
+    """The method names whose classes are defined in `module` (a dotted module name)."""
+    return sorted(n for n, cls in _REGISTRY.items() if cls.__module__ == module)
+
+
+def import_module(path: str) -> list[str]:
+    """Import a method module by its import path (`method.module`), which registers its methods; returns their
+    names. A path that does not import, or a module that registers nothing, is a one-line MethodError."""
+    allowed = "an importable module path such as my_package.my_method (on sys.path: installed, or PYTHONPATH)"
+    if not isinstance(path, str) or not path.strip():
+        raise fail("module", path, "is not a module path", "", allowed)
+    before = dict(_REGISTRY)
+    try:
+        module = importlib.import_module(path)
+    except Exception as e:  # noqa: BLE001 - any import failure is the user's module: say which and why
+        why = (str(e).strip().splitlines() or [""])[0]
+        raise fail("module", path, f"cannot be imported ({type(e).__name__}: {why})", "", allowed) from None
+    names = sorted({n for n in _REGISTRY if before.get(n) is not _REGISTRY[n]} | set(registered_by(module.__name__)))
+    if not names:
+        raise fail("module", path, "registers no method", "", 'a module with a class decorated '
+                   '@methods.register("<name>")')
+    return names
+
+
+def load_entry_points(force: bool = False) -> list[str]:
+    """Load the `peftbench.methods` entry points (once; `force` loads them again); returns the names they added.
+    One that fails to load is a warning naming it, not an error: a broken plugin does not hide the others."""
+    global _entry_points_loaded
+    if _entry_points_loaded and not force:
+        return []
+    _entry_points_loaded = True
+    before = set(_REGISTRY)
+    from methods.base import Adapter
+
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = ep.load()
+        except Exception as e:  # noqa: BLE001
+            why = (str(e).strip().splitlines() or [""])[0]
+            warnings.warn(f"{ENTRY_POINT_GROUP} entry point {ep.name} = {ep.value!r} did not load "
+                          f"({type(e).__name__}: {why})", stacklevel=2)
+            continue
+        if isinstance(loaded, type) and issubclass(loaded, Adapter) and loaded not in _REGISTRY.values():
+            register(ep.name)(loaded)
+    return sorted(set(_REGISTRY) - before)
+
+
 def available() -> list[str]:
+    """Every registered method name (the package's, imported modules', and installed entry points')."""
+    load_entry_points()
     return sorted(_REGISTRY)
 
 
 def method_class(name: str) -> type[Adapter]:
+    if name not in _REGISTRY:
+        load_entry_points()
     if name not in _REGISTRY:
         raise fail("name", name, "is not a registered method", "", available())
     return _REGISTRY[name]
@@ -109,6 +197,13 @@ def resolve_variant(cls: type[Adapter], variant: str | None) -> str | None:
     return variant
 
 
+def check_kind(cls: type[Adapter], shape) -> None:
+    """A layer kind the method does not adapt (`cls.kinds`) is a one-line error naming the layer."""
+    if shape.kind not in cls.kinds:
+        raise fail("target_modules", shape.name, f"is a {shape.kind} layer, which {cls.method} does not adapt", "",
+                   "layers of kind " + ", ".join(cls.kinds))
+
+
 def create(name: str, layer: nn.Module, *, variant: str | None = None, layer_name: str = "", **hparams) -> Adapter:
     """An adapter module that replaces `layer` (nn.Linear or nn.Conv2d), exactly the identity at initialisation."""
     from methods.base import LayerShape
@@ -116,6 +211,7 @@ def create(name: str, layer: nn.Module, *, variant: str | None = None, layer_nam
     cls = method_class(name)
     variant = resolve_variant(cls, variant)
     shape = LayerShape.of(layer, layer_name)
+    check_kind(cls, shape)
     hp = full_hparams(cls, hparams)
     adapter = cls(layer, shape, cls.resolve(shape, hp), variant)
     adapter.spec = {"method": name, "variant": variant, "hparams": hp, "budget": None,

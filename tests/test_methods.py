@@ -9,143 +9,67 @@ import torch.nn.functional as F
 from torch import nn
 
 import methods
+from methods import checks
 from methods.base import cayley, skew
 from methods.boft import butterfly_permutation
 from methods.soda import default_factors, kron_apply
 
 
-# (layer factory, input factory); d_in ≠ d_out both ways, and a Conv2d whose flattened kernel has d_in = 8·3·3 = 72
-LAYERS = {
-    "linear16": (lambda: nn.Linear(16, 16, bias=False), lambda: torch.randn(2, 7, 16)),
-    "linear24to40": (lambda: nn.Linear(24, 40), lambda: torch.randn(2, 7, 24)),
-    "linear32to8": (lambda: nn.Linear(32, 8, bias=False), lambda: torch.randn(3, 32)),
-    "conv8to6k3": (lambda: nn.Conv2d(8, 6, 3, padding=1), lambda: torch.randn(2, 8, 5, 5)),
-}
-HPARAMS = {
-    "lora": {"rank": 3, "alpha": 6},
-    "dora": {"rank": 3},
-    "oft": {"blocks": 4},
-    "coft": {"blocks": 4, "coft": True, "eps": 1e-2},
-    "oft_neumann": {"block_size": 4, "cayley": "neumann", "neumann_terms": 6},
-    "oft_channels": {"blocks": 4, "conv_channels": 2},  # Conv2d: blocks of 2 whole input channels, b = 2·3·3
-    "boft": {"block_size": 4, "factors": 2},
-    "boft_conv": {"block_size": 4, "factors": 2, "conv_block_size": 6},
-    "svd_scaling": {},
-    "soda": {},
-    "mobius": {"blocks": 4},
-    "mobius_channels": {"blocks": 2, "conv_channels": 1},
-    "full": {},
-}
-METHOD = {"coft": "oft", "oft_neumann": "oft", "oft_channels": "oft", "boft_conv": "boft",
-          "mobius_channels": "mobius"}
-SODA_FACTORS = {16: [2, 2, 4], 24: [2, 3, 4], 32: [2, 4, 4], 72: [3, 4, 6]}  # least Σk² triples
+LAYERS = checks.LAYERS
+CASES = checks.layer_cases()  # every registered method: each of its examples (and variants) on each layer it adapts
 
 
-def expected_count(case: str, d_out: int, d_in: int, c_in: int | None = None) -> int:
-    """DESIGN §2's table, written out independently of the implementation (`c_in`: a Conv2d's input channels)."""
-    hp = HPARAMS[case]
-    method = METHOD.get(case, case)
-    if method == "lora":
-        return hp["rank"] * (d_in + d_out)
-    if method == "dora":
-        return hp["rank"] * (d_in + d_out) + d_out
-    if method == "full":
-        return d_in * d_out
-    b = hp.get("block_size") or d_in // hp.get("blocks", 1)
-    if c_in is not None and hp.get("conv_channels"):
-        b = hp["conv_channels"] * d_in // c_in  # whole channels of k·k columns
-    if c_in is not None and hp.get("conv_block_size"):
-        b = hp["conv_block_size"]
-    if method == "oft":
-        return d_in * (b - 1) // 2
-    if method == "boft":
-        return hp["factors"] * d_in * (b - 1) // 2
-    if method == "svd_scaling":
-        return min(d_in, d_out)
-    if method == "soda":
-        return min(d_in, d_out) + sum(k * k for k in SODA_FACTORS[d_in])
-    if method == "mobius":
-        return d_in * (b - 1) // 2 + d_in
-    raise AssertionError(case)
+def call(check, arg) -> None:
+    try:
+        check(arg)
+    except checks.Skipped as e:
+        pytest.skip(str(e))
 
 
-def make(case: str, layer_key: str, seed: int = 0):
+def make(name: str, layer_key: str, example: str = "default", seed: int = 0, **hparams):
+    """(layer, adapter, input) for one of the method's examples (or, given hparams, for those)."""
+    if not hparams:
+        return checks.make(checks.Case(name, example, layer_key), seed)
     torch.manual_seed(seed)
     layer_fn, x_fn = LAYERS[layer_key]
     layer = layer_fn()
-    adapter = methods.create(METHOD.get(case, case), layer, layer_name=layer_key, **HPARAMS[case])
-    return layer, adapter, x_fn()
+    return layer, methods.create(name, layer, layer_name=layer_key, **hparams), x_fn()
 
 
-def frozen_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The plain layer's operation with another weight (independent of the adapter's code)."""
-    if isinstance(layer, nn.Linear):
-        return F.linear(x, weight, layer.bias)
-    return F.conv2d(x, weight, layer.bias, layer.stride, layer.padding)
+frozen_forward = checks.frozen_forward
+COFT = methods.registry.method_class("oft").examples["coft"]
 
 
-@torch.no_grad()
 def perturb(adapter: methods.Adapter, scale: float = 0.3) -> None:
-    for p in adapter.adapter_state().values():
-        if hasattr(p, "manifold"):  # Stiefel factor: a random orthogonal matrix
-            p.copy_(torch.linalg.qr(torch.randn_like(p))[0])
-        else:
-            p.add_(scale * torch.randn_like(p))
+    checks.perturb(adapter.adapter_state().values(), scale)
 
 
-CASES = [(c, k) for c in HPARAMS for k in LAYERS]
+def test_the_cases_cover_every_method_example_and_layer_kind():
+    for name in methods.available():
+        cls = methods.registry.method_class(name)
+        mine = [c for c in CASES if c.method == name]
+        assert {c.example for c in mine} == set(cls.examples), name
+        assert {checks.kind_of(LAYERS[c.layer][0]()) for c in mine} == set(cls.kinds), name
 
 
-@pytest.mark.parametrize("case,layer_key", CASES)
-def test_identity_at_init(case, layer_key):
-    layer, adapter, x = make(case, layer_key)
-    y0 = layer(x)
-    for side in ("input", "weight"):
-        adapter.side = side
-        assert (adapter(x) - y0).abs().max() <= 1e-5, side
-    assert (adapter.merged_weight() - layer.weight).abs().max() <= 1e-5
-    adapter.eval()
-    with torch.no_grad():
-        assert (adapter(x) - y0).abs().max() <= 1e-5
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_identity_at_init(case):
+    call(checks.identity_at_init, case)
 
 
-@pytest.mark.parametrize("case,layer_key", CASES)
-def test_merged_equals_unmerged_after_perturbation(case, layer_key):
-    layer, adapter, x = make(case, layer_key)
-    perturb(adapter)
-    merged = adapter.merged_weight().detach()
-    assert merged.shape == layer.weight.shape
-    y_merged = frozen_forward(layer, x, merged)
-    assert (y_merged - layer(x)).abs().max() > 1e-3  # the perturbation changed the layer
-    for side in ("input", "weight", "auto"):
-        adapter.side = side
-        assert (adapter(x) - y_merged).abs().max() <= 1e-5, side
-    adapter.eval()
-    with torch.no_grad():
-        assert (adapter(x) - y_merged).abs().max() <= 1e-5
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_merged_equals_unmerged_after_perturbation(case):
+    call(checks.merged_equals_unmerged, case)
 
 
-@pytest.mark.parametrize("case,layer_key", CASES)
-def test_trainable_count_is_the_formula(case, layer_key):
-    layer, adapter, _ = make(case, layer_key)
-    d_out, d_in = layer.weight.shape[0], layer.weight[0].numel()
-    expected = expected_count(case, d_out, d_in, layer.weight.shape[1] if layer.weight.dim() == 4 else None)
-    assert adapter.trainable_params == expected
-    own = [p for n, p in adapter.named_parameters() if not n.startswith("base.")]
-    assert adapter.stored_params == sum(p.numel() for p in own) == expected  # every method stores its count
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_trainable_count_is_the_formula(case):
+    call(checks.count_is_formula, case)
 
 
-@pytest.mark.parametrize("case,layer_key", CASES)
-def test_gradients_reach_only_adapter_parameters(case, layer_key):
-    layer, adapter, x = make(case, layer_key)
-    perturb(adapter)
-    for side in ("input", "weight"):
-        adapter.zero_grad(set_to_none=True)
-        adapter.side = side
-        adapter(x).square().sum().backward()
-        assert all(p.grad is None for p in layer.parameters())
-        for name, p in adapter.adapter_state().items():
-            assert p.grad is not None and p.grad.abs().sum() > 0, (side, name)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_gradients_reach_only_adapter_parameters(case):
+    call(checks.gradients_reach_only_adapters, case)
 
 
 def test_eval_cache_is_reused_and_invalidated():
@@ -169,8 +93,9 @@ def test_eval_cache_is_reused_and_invalidated():
 
 @pytest.mark.parametrize("layer_key", LAYERS)
 def test_rotations_stay_orthogonal_after_optimiser_steps(layer_key):
-    for case in ("oft", "boft", "soda", "coft"):
-        layer, adapter, x = make(case, layer_key)
+    for case, name, example in (("oft", "oft", "default"), ("boft", "boft", "block4"), ("soda", "soda", "default"),
+                                ("coft", "oft", "coft")):
+        layer, adapter, x = make(name, layer_key, example)
         opt = methods.optimizer(adapter, lr=0.05)
         for _ in range(5):
             opt.zero_grad(set_to_none=True)
@@ -185,10 +110,10 @@ def test_rotations_stay_orthogonal_after_optimiser_steps(layer_key):
             b = adapter.hparams["block_size"]
             q = skew(adapter.Q, b)
             block_norms = q.flatten(1).norm(dim=1)
-            radius = HPARAMS["coft"]["eps"] * b**2 / math.sqrt(q.shape[0])
+            radius = COFT["eps"] * b**2 / math.sqrt(q.shape[0])
             assert block_norms.max() <= radius * (1 + 1e-5)
             assert block_norms.max() >= radius * (1 - 1e-3)
-            assert q.flatten().norm() <= HPARAMS["coft"]["eps"] * b**2 * (1 + 1e-5)
+            assert q.flatten().norm() <= COFT["eps"] * b**2 * (1 + 1e-5)
         if case == "boft":
             dense = adapter.butterfly(eye)
             assert (dense @ dense.T - eye).abs().max() <= 1e-5
@@ -228,12 +153,16 @@ def test_coft_at_the_papers_eps_moves_the_weight():
     assert ((adapter.merged_weight().detach() - w).norm() / w.norm()).item() <= moved / 100
 
 
-@pytest.mark.parametrize("case", ["oft_channels", "mobius_channels"])
-def test_conv_blocks_cover_whole_input_channels(case):
+CHANNEL_EXAMPLES = [(name, example) for name in methods.available()
+                    for example, hp in methods.registry.method_class(name).examples.items() if hp.get("conv_channels")]
+
+
+@pytest.mark.parametrize("name,example", CHANNEL_EXAMPLES)
+def test_conv_blocks_cover_whole_input_channels(name, example):
     """With conv_channels = j a convolution's rotation acts within groups of j whole input channels (PyTorch
     flattens a kernel channel-major): changing W on one channel changes W' on that channel's group only."""
-    j = HPARAMS[case]["conv_channels"]
-    layer, adapter, _ = make(case, "conv8to6k3")
+    j = methods.registry.method_class(name).examples[example]["conv_channels"]
+    layer, adapter, _ = make(name, "conv8to6k3", example)
     assert adapter.hparams["block_size"] == j * 3 * 3 and adapter.hparams["blocks"] == 8 // j
     perturb(adapter, scale=1.0)
     before = adapter.merged_weight().detach().clone()
@@ -341,7 +270,8 @@ def test_soda_default_factors():
     paper = {640: [8, 8, 10], 768: [6, 8, 16], 1280: [4, 16, 20], 2048: [4, 8, 64]}
     for d, f in paper.items():
         assert default_factors(d) == f
-    for d, f in {**SODA_FACTORS, 96: [4, 4, 6], 128: [4, 4, 8], 7: [1, 1, 7]}.items():
+    least = {16: [2, 2, 4], 24: [2, 3, 4], 32: [2, 4, 4], 72: [3, 4, 6]}  # least Σk² triples
+    for d, f in {**least, 96: [4, 4, 6], 128: [4, 4, 8], 7: [1, 1, 7]}.items():
         assert default_factors(d) == f and math.prod(f) == d
     adapter = methods.create("soda", nn.Linear(96, 8), factors={96: [2, 6, 8]})
     assert [k.shape[0] for k in adapter.K] == [2, 6, 8]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import methods
+from methods import checks
 
 CONF = Path(__file__).parents[1] / "conf" / "method"
 pytestmark = [  # peft's BOFT looks for its CUDA extension and falls back to one butterfly factor
@@ -18,69 +19,23 @@ pytestmark = [  # peft's BOFT looks for its CUDA extension and falls back to one
     pytest.mark.filterwarnings("ignore:Setting boft_n_butterfly_factor to 1:UserWarning"),
 ]
 
-DEFAULTS_VALID = {  # hyper-parameters valid on every layer of the toy model (d_in 16, 24 and 36)
-    "lora": {"rank": 2},
-    "dora": {"rank": 2},
-    "oft": {"blocks": 4},
-    "boft": {"block_size": 2, "factors": 2},
-    "svd_scaling": {},
-    "soda": {},
-    "mobius": {"blocks": 2},
-    "full": {},
-}
+Attention, Toy, toy, inputs = checks.Attention, checks.Toy, checks.toy, checks.inputs
+METHODS = methods.available()
 
 
-class Attention(nn.Module):
-    """Named like diffusers' Attention: to_q, to_k, to_v, to_out.0 (with bias), to_out.1 (dropout)."""
-
-    def __init__(self, dim: int, context_dim: int):
-        super().__init__()
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim, dim, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
-
-    def forward(self, x, context):
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        attn = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
-        return self.to_out[1](self.to_out[0](attn @ v))
-
-
-class Toy(nn.Module):
-    def __init__(self, dim: int = 16, context_dim: int = 24):
-        super().__init__()
-        self.conv_in = nn.Conv2d(4, dim, 3, padding=1)  # flattened kernel: d_in = 36
-        self.attn1 = Attention(dim, dim)
-        self.attn2 = Attention(dim, context_dim)
-        self.proj = nn.Linear(dim, 4)
-
-    def forward(self, image, context):
-        h = self.conv_in(image).flatten(2).transpose(1, 2)
-        h = h + self.attn1(h, h)
-        h = h + self.attn2(h, context)
-        return self.proj(h)
-
-
-def toy(seed: int = 0, **kw) -> Toy:
-    torch.manual_seed(seed)
-    return Toy(**kw).eval().requires_grad_(False)
-
-
-def inputs(seed: int = 1, dim_ctx: int = 24):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 5, dim_ctx, generator=g)
+def call(check, arg) -> None:
+    try:
+        check(arg)
+    except checks.Skipped as e:
+        pytest.skip(str(e))
 
 
 @torch.no_grad()
 def perturb(model: nn.Module, scale: float = 0.1) -> None:
-    for p in methods.trainable_parameters(model):
-        if hasattr(p, "manifold"):
-            p.copy_(torch.linalg.qr(torch.randn_like(p))[0])
-        else:
-            p.add_(scale * torch.randn_like(p))
+    checks.perturb(methods.trainable_parameters(model), scale)
 
 
-ATTN = [f"attn{i}.{n}" for i in (1, 2) for n in ("to_q", "to_k", "to_v", "to_out.0")]
+ATTN = checks.ATTN
 
 
 def test_attach_summary_freezes_and_targets_default_attention():
@@ -137,36 +92,29 @@ def formula_total(method: str, targets=None, **hp) -> int | None:
         return None
 
 
-def closest(totals: list[int], budget: int) -> int:
-    """The rule, written out: the total closest to the budget among those at most 10% above it (ties: below)."""
-    return min((t for t in totals if t <= 1.1 * budget), key=lambda t: (abs(t - budget), t > budget))
+closest = checks.closest
 
 
-@pytest.mark.parametrize("method,field", [("lora", "rank"), ("dora", "rank"), ("oft", None), ("boft", "block_size"),
-                                          ("mobius", None)])
-@pytest.mark.parametrize("budget", [700, 2500])
-def test_budget_picks_the_size_closest_to_it(method, field, budget):
-    model = toy()
-    info = methods.attach(model, method, budget=budget)
-    assert info["budget"] == budget and info["sizing"] == "budget"
-    if field == "rank":
-        totals = [formula_total(method, rank=r) for r in range(1, 17)]
-        assert info["hparams"]["alpha"] == info["hparams"]["rank"]
-    else:  # every admissible size
-        sizes = range(1, 25)
-        options = [{"block_size": b} for b in sizes] + ([{"blocks": r} for r in sizes] if method != "boft" else [])
-        totals = [t for t in (formula_total(method, **o) for o in options) if t is not None]
-        assert len(totals) >= 2
-        chosen = {k: v for k, v in info["hparams"].items() if k in ("blocks", "block_size") and v is not None}
-        assert formula_total(method, **chosen) == info["trainable_params"]
-    assert info["trainable_params"] == closest(totals, budget)
-    assert methods.summary(model)["hparams"] == info["hparams"]
+@pytest.mark.parametrize("method", METHODS)
+def test_budget_picks_the_size_closest_to_it(method):
+    """Among the method's budget options (a budget-sized method), the one whose total is closest to the budget
+    within +10%; a fixed-size method keeps its size, a reference method ignores the budget (methods.checks)."""
+    call(checks.budget_sizing, method)
 
 
-@pytest.mark.parametrize("method", ["oft", "mobius"])
+def test_budget_resolves_lora_alpha_to_the_chosen_rank():
+    info = methods.attach(toy(), "lora", budget=2500)
+    assert info["hparams"]["alpha"] == info["hparams"]["rank"]
+    assert info["trainable_params"] == closest([formula_total("lora", rank=r) for r in range(1, 17)], 2500)
+
+
+CHANNEL_METHODS = [n for n in METHODS if "conv_channels" in methods.registry.method_class(n).also_sized]
+
+
+@pytest.mark.parametrize("method", CHANNEL_METHODS)
 @pytest.mark.parametrize("budget", [1500, 3000])
 def test_budget_gives_convolutions_blocks_of_whole_channels(method, budget):
-    """OFT and Möbius: on a Conv2d a budget only chooses blocks of whole input channels (b a multiple of k·k):
+    """Methods sized by `conv_channels` (OFT, Möbius): on a Conv2d a budget only chooses blocks of whole input channels (b a multiple of k·k):
     `conv_channels` for the convolutions, blocks/block_size for the Linear layers, the pair closest to the budget."""
     model = toy()  # conv_in: c_in = 4, 3×3 kernel, d_in = 36
     info = methods.attach(model, method, ATTN + ["conv_in"], budget=budget)
@@ -221,23 +169,9 @@ def test_budget_errors():
         methods.attach(toy(), "oft", budget=-3)
 
 
-@pytest.mark.parametrize("method", list(DEFAULTS_VALID))
+@pytest.mark.parametrize("method", METHODS)
 def test_optimiser_steps_touch_only_adapters(method):
-    model = toy()
-    methods.attach(model, method, ATTN + ["conv_in"], **DEFAULTS_VALID[method])
-    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
-    image, context = inputs()
-    opt = methods.optimizer(model, lr=1e-2, weight_decay=1e-2)
-    before = [p.clone() for p in methods.trainable_parameters(model)]
-    model.train()
-    for _ in range(3):
-        opt.zero_grad(set_to_none=True)
-        (model(image, context) - 1).square().mean().backward()
-        assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
-        opt.step()
-    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
-    changed = [not torch.equal(a, b) for a, b in zip(before, methods.trainable_parameters(model))]
-    assert all(changed)
+    call(checks.optimiser_steps_touch_only_adapters, method)
 
 
 def test_soda_optimiser_is_one_object_with_a_riemannian_part():
@@ -299,45 +233,29 @@ def test_coft_projection_runs_after_every_step():
         assert radius * 0.99 <= q_norm <= radius * (1 + 1e-5)
 
 
-@pytest.mark.parametrize("method", list(DEFAULTS_VALID))
+@pytest.mark.parametrize("method", METHODS)
 def test_merge_and_detach(method):
-    model = toy()
-    image, context = inputs()
-    base_out = model(image, context)
-    layers = {n: m for n, m in model.named_modules()}
-    methods.attach(model, method, ATTN + ["conv_in"], **DEFAULTS_VALID[method])
-    perturb(model)
-    adapted = model(image, context)
-    assert (adapted - base_out).abs().max() > 1e-4
-    twin = copy.deepcopy(model)
-    methods.detach(model)
-    assert all(model.get_submodule(n) is m for n, m in layers.items() if n)
-    assert torch.equal(model(image, context), base_out)
-    methods.merge(twin)
-    assert not methods.adapters(twin)
-    assert type(twin.attn1.to_q) is nn.Linear and type(twin.conv_in) is nn.Conv2d
-    assert (twin(image, context) - adapted).abs().max() <= 1e-5
+    call(checks.merge_and_detach, method)
 
 
-@pytest.mark.parametrize("method", list(DEFAULTS_VALID))
-def test_save_load_reproduces_outputs_exactly(method, tmp_path):
+@pytest.mark.parametrize("method", METHODS)
+def test_save_load_reproduces_outputs_exactly(method):
+    call(checks.save_load_exact, method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bad_input_is_one_line(method):
+    call(checks.one_line_errors, method)
+
+
+def test_save_records_the_method_and_shapes(tmp_path):
     model = toy()
-    info = methods.attach(model, method, ATTN + ["conv_in"], **DEFAULTS_VALID[method])
-    perturb(model)
-    image, context = inputs()
-    out = model(image, context)
-    size = methods.save(model, tmp_path / "a")
-    assert size == (tmp_path / "a" / "adapter.safetensors").stat().st_size
+    info = methods.attach(model, "oft", ATTN + ["conv_in"], blocks=4)
+    methods.save(model, tmp_path / "a")
     saved = json.loads((tmp_path / "a" / "adapter.json").read_text())
-    assert saved["method"] == method and saved["hparams"] == info["hparams"]
+    assert saved["method"] == "oft" and saved["hparams"] == info["hparams"]
     assert saved["layers"]["attn2.to_k"]["weight_shape"] == [16, 24]
-    fresh = toy()
-    assert methods.load(fresh, tmp_path / "a") == info
-    assert torch.equal(fresh(image, context), out)
-    again = toy()  # loading into a model that carries the same (untrained) adapter
-    methods.attach(again, method, ATTN + ["conv_in"], **DEFAULTS_VALID[method])
-    methods.load(again, tmp_path / "a")
-    assert torch.equal(again(image, context), out)
+    assert saved["layers"]["conv_in"]["weight_shape"] == [16, 4, 3, 3]
 
 
 def test_adapter_file_holds_only_the_stored_parameters(tmp_path):
@@ -404,17 +322,10 @@ def test_every_method_yaml_on_a_diffusers_unet():
         unet(sample, t, context).sample.square().mean().backward()
         opt.step()
         assert (unet(sample, t, context).sample - base).abs().max() > 0
-        formula = {
-            "lora": lambda o, i: 4 * (i + o),
-            "dora": lambda o, i: 4 * (i + o) + o,
-            "oft": lambda o, i: i * (i // 4 - 1) // 2,
-            "boft": lambda o, i: 2 * i * (8 - 1) // 2,
-            "svd_scaling": lambda o, i: min(i, o),
-            "soda": lambda o, i: min(i, o) + sum(k * k for k in {32: (2, 4, 4), 48: (3, 4, 4), 64: (4, 4, 4)}[i]),
-            "mobius": lambda o, i: i * (i // 4 - 1) // 2 + i,
-            "full": lambda o, i: o * i,
-        }[method]
-        assert info["trainable_params"] == sum(formula(o, i) for o, i in shapes), method
+        held = sum(p.numel() for p in methods.trainable_parameters(unet))
+        formula = sum(methods.registry.method_class(method).count(a.shape, a.hparams, a.variant)
+                      for _, a in methods.adapters(unet))
+        assert info["trainable_params"] == held == formula, method
         methods.detach(unet)
 
 
