@@ -30,9 +30,11 @@ interquartile range from 0.87–1.10 to 0.93–1.06.
    (a few prompts, 10 DDIM steps) with a method attached, its parameters perturbed, then `methods.merge`d, against
    the base model; and the same adapter left attached in eval mode (its cached merged weight).
 
-Targets (benchmarks, not tests; a missed one is marked ✗ in the Markdown): LoRA, OFT, BOFT ≤ 1.3× the frozen
-layer and DoRA, SVD scaling, SODA, Möbius ≤ 2.0× at ≥ 1024 tokens; OFT and BOFT ≤ 0.8× peft's time and ≤ 1.0×
-its memory; every micro training step ≤ 1.15× LoRA's; merged sampling within 5% of the base model.
+Targets (benchmarks, not tests; a missed one is marked ✗ in the Markdown): each method's `perf_target` × the frozen
+layer at ≥ 1024 tokens (LoRA, OFT, BOFT 1.3×; DoRA, SVD scaling, SODA, Möbius 2.0×, the default); its
+`peft_perf_target` (OFT and BOFT: ≤ 0.8× peft's time and ≤ 1.0× its memory); every micro training step ≤ 1.15×
+LoRA's; merged sampling within 5% of the base model. Every registered method is measured the same way: the class
+attributes and `methods.reference.METHODS` (which have a peft counterpart) are all this module knows of a method.
 """
 
 from __future__ import annotations
@@ -63,14 +65,10 @@ from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
 import methods
-from methods.registry import available
+from methods.registry import available, method_class
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
-PEFT = ("lora", "dora", "oft", "boft")
-INPUT_METHODS = ("lora", "oft", "boft")  # transform the input: can approach the frozen layer
-LAYER_TARGET = {"lora": 1.3, "oft": 1.3, "boft": 1.3, "dora": 2.0, "svd_scaling": 2.0, "soda": 2.0, "mobius": 2.0}
 TARGET_MIN_TOKENS = 1024
-PEFT_TARGET = {"oft": (0.8, 1.0), "boft": (0.8, 1.0)}  # (time, memory) relative to peft's
 MICRO_TARGET = 1.15
 SAMPLING_TOLERANCE = 0.05
 FULL = {"dims": (320, 640, 1280), "tokens": (4096, 1024, 256), "repeats": 7}
@@ -78,10 +76,30 @@ QUICK = {"dims": (320,), "tokens": (1024, 256), "repeats": 3}
 
 
 def method_conf(name: str) -> dict:
-    """The method's yaml (conf/method/<name>.yaml): hparams, variant, lr, weight_decay."""
+    """The method's yaml (conf/method/<name>.yaml): hparams, variant, lr, weight_decay; its `module` (a method
+    that lives elsewhere) imported."""
     conf = yaml.safe_load((CONF / f"{name}.yaml").read_text())
     conf["hparams"] = conf.get("hparams") or {}
+    if conf.get("module"):
+        methods.import_module(conf["module"])
     return conf
+
+
+def layer_target(key: str) -> float | None:
+    """A method's one-layer time target / frozen layer (its `perf_target`); None for the other variants."""
+    return method_class(key).perf_target if key in available() else None
+
+
+def peft_target(key: str) -> tuple[float, float] | None:
+    """A method's (time, memory) target / peft's layer (its `peft_perf_target`), or None."""
+    return method_class(key).peft_perf_target if key in available() else None
+
+
+def peft_methods() -> tuple[str, ...]:
+    """The methods with a Hugging Face peft counterpart (`methods.reference`, which imports peft)."""
+    from methods import reference
+
+    return reference.METHODS
 
 
 def attach_micro(unet, name: str) -> tuple[DictConfig, dict]:
@@ -286,12 +304,7 @@ def peft_layer(layer: nn.Linear, name: str, hparams: dict) -> tuple[nn.Module, s
         warnings.simplefilter("ignore")
         reference.attach(holder, name, ["proj"], **hparams)
     module = holder.proj
-    note = ""
-    if name == "boft":
-        ran = module.boft_R["default"].shape[0]
-        if ran != hparams.get("factors", 1):
-            note = f"peft ran {ran} butterfly factor(s), not {hparams.get('factors')} (no CUDA extension)"
-    return module, note
+    return module, reference.peft_note(name, module, hparams)
 
 
 def layer_variants(case: Case, names: list[str], device: torch.device, sides: bool, create=None) -> tuple[dict, dict]:
@@ -310,7 +323,7 @@ def layer_variants(case: Case, names: list[str], device: torch.device, sides: bo
                 forced = copy.deepcopy(adapter)
                 forced.side = side
                 variants[f"{name}:{side}"] = forced
-        if name in PEFT:
+        if name in peft_methods():
             variants[f"peft:{name}"], note = peft_layer(base, name, conf["hparams"])
             variants[f"peft:{name}"].to(device)
             if note:
@@ -409,9 +422,9 @@ def layer_variants_count(names: list[str], sides: bool) -> list[str]:
     out = ["frozen"]
     for name in names:
         out.append(name)
-        if sides and name != "mobius":
+        if sides and "input" in method_class(name).sides():
             out += [f"{name}:input", f"{name}:weight"]
-        if name in PEFT:
+        if name in peft_methods():
             out.append(f"peft:{name}")
     return out
 
@@ -573,20 +586,25 @@ def markdown(result: dict) -> str:
     layers = result.get("layer")
     if layers:
         names = result["methods"]
+        with_peft = [n for n in names if any(f"peft:{n}" in r["variants"] for r in layers)]
         cases = [r["name"] for r in layers]
         head = "| method | " + " | ".join(cases) + " |"
         rule = "|---|" + "---|" * len(cases)
+        by_target: dict[float, list[str]] = {}
+        for n in names:
+            if layer_target(n) is not None:
+                by_target.setdefault(layer_target(n), []).append(n)
+        targets = "; ".join(f"{', '.join(ns)} ≤ {t:.1f}×" for t, ns in sorted(by_target.items()))
         lines += ["", "## One layer: forward+backward time / frozen layer (side auto picked: i = input, w = weight)",
-                  "", "Targets at ≥ 1024 tokens: LoRA, OFT, BOFT ≤ 1.3×; DoRA, SVD scaling, SODA, Möbius ≤ 2.0×.",
-                  "", head, rule]
-        for key in [*names, *(f"peft:{n}" for n in names if n in PEFT)]:
+                  "", f"Targets at ≥ {TARGET_MIN_TOKENS} tokens: {targets or 'none'}.", "", head, rule]
+        for key in [*names, *(f"peft:{n}" for n in with_peft)]:
             cells = []
             for r in layers:
                 v = r["variants"].get(key)
                 if v is None:
                     cells.append("–")
                     continue
-                target = LAYER_TARGET.get(key) if r["targeted"] else None
+                target = layer_target(key) if r["targeted"] else None
                 cell = _cell(v["time_vs_frozen"]["ratio"], target)
                 if v.get("side"):
                     cell += f" {v['side'][0]}"
@@ -608,19 +626,19 @@ def markdown(result: dict) -> str:
                                  f"{v[f'{n}:weight']['time_vs_frozen']['ratio']:.2f} {'✓' if ok else '✗'}")
                 lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines += ["", "## One layer: peak memory / frozen layer", "", head, rule]
-        for key in [*names, *(f"peft:{n}" for n in names if n in PEFT)]:
+        for key in [*names, *(f"peft:{n}" for n in with_peft)]:
             cells = [f"{r['variants'][key]['memory_vs_frozen']:.2f}×" if key in r["variants"] else "–"
                      for r in layers]
             lines.append(f"| {key} | " + " | ".join(cells) + " |")
-        vs_peft = [n for n in names if n in PEFT]
-        if vs_peft:
-            lines += ["", "## One layer: ours / peft (time, memory); targets OFT, BOFT ≤ 0.8× time, ≤ 1.0× memory",
-                      "", head, rule]
-            for n in vs_peft:
+        if with_peft:
+            aimed = "; ".join(f"{n} ≤ {peft_target(n)[0]}× time, ≤ {peft_target(n)[1]}× memory" for n in with_peft
+                              if peft_target(n))
+            lines += ["", f"## One layer: ours / peft (time, memory); targets {aimed or 'none'}", "", head, rule]
+            for n in with_peft:
                 cells = []
                 for r in layers:
                     v = r["variants"][n]
-                    t_target, m_target = PEFT_TARGET.get(n, (None, None))
+                    t_target, m_target = peft_target(n) or (None, None)
                     cells.append(f"{_cell(v['time_vs_peft']['ratio'], t_target)}, "
                                  f"{_cell(v['memory_vs_peft'], m_target)}")
                 lines.append(f"| {n} | " + " | ".join(cells) + " |")
@@ -679,11 +697,11 @@ def misses(result: dict) -> list[str]:
     out = []
     for r in result.get("layer", []):
         for key, v in r["variants"].items():
-            if key in LAYER_TARGET and r["targeted"] and v["time_vs_frozen"]["ratio"] > LAYER_TARGET[key]:
-                out.append(f"layer {r['name']} {key}: {v['time_vs_frozen']['ratio']:.2f}× frozen > "
-                           f"{LAYER_TARGET[key]}")
-            if key in PEFT_TARGET and "time_vs_peft" in v:
-                t, m = PEFT_TARGET[key]
+            target = layer_target(key)
+            if target is not None and r["targeted"] and v["time_vs_frozen"]["ratio"] > target:
+                out.append(f"layer {r['name']} {key}: {v['time_vs_frozen']['ratio']:.2f}× frozen > {target}")
+            if peft_target(key) and "time_vs_peft" in v:
+                t, m = peft_target(key)
                 if v["time_vs_peft"]["ratio"] > t:
                     out.append(f"layer {r['name']} {key}: {v['time_vs_peft']['ratio']:.2f}× peft time > {t}")
                 if v["memory_vs_peft"] > m:
@@ -705,6 +723,9 @@ def run(args: argparse.Namespace) -> dict:
     preset = QUICK if args.quick else FULL
     repeats = args.repeats or preset["repeats"]
     names = [n.strip() for n in args.methods.split(",")] if args.methods else available()
+    for n in names:  # a method that lives elsewhere: its yaml's `module` registers it
+        if n not in available() and (CONF / f"{n}.yaml").exists():
+            method_conf(n)
     unknown = sorted(set(names) - set(available()))
     if unknown:
         raise SystemExit(f"--methods: unknown {', '.join(unknown)} (allowed: {', '.join(available())})")
@@ -715,7 +736,8 @@ def run(args: argparse.Namespace) -> dict:
         "quick": args.quick,
         "repeats": repeats,
         "methods": names,
-        "targets": {"layer_vs_frozen": LAYER_TARGET, "min_tokens": TARGET_MIN_TOKENS, "vs_peft": PEFT_TARGET,
+        "targets": {"layer_vs_frozen": {n: layer_target(n) for n in names}, "min_tokens": TARGET_MIN_TOKENS,
+                    "vs_peft": {n: peft_target(n) for n in names if peft_target(n)},
                     "micro_vs_lora": MICRO_TARGET, "sampling_tolerance": SAMPLING_TOLERANCE},
     }
     if "layer" in parts:

@@ -143,6 +143,8 @@ def attach_method(cfg, unet) -> dict:
     if cfg.method.name == "none":
         return {"method": "none", "variant": None, "hparams": {}, "trainable_params": 0, "stored_params": 0,
                 "budget": None, "sizing": "none"}
+    if cfg.method.get("module"):  # a method that lives elsewhere registers itself when imported (once)
+        methods.import_module(str(cfg.method.module))
     return methods.attach(unet, cfg.method.name, target_modules=list(cfg.target_modules),
                           budget=cfg.method.get("budget"), variant=cfg.method.get("variant"),
                           **OmegaConf.to_container(cfg.method.hparams))

@@ -240,7 +240,7 @@ def field_name(cfg: DictConfig, field: str, typed: set[str]) -> str:
 
 
 METHOD_FIELDS = {"name": "method.name", "variant": "method.variant", "budget": "method.budget",
-                 "target_modules": "target_modules"}
+                 "module": "method.module", "target_modules": "target_modules"}
 
 
 def from_method_error(message: str, cfg: DictConfig, typed: set[str]) -> str:

@@ -449,7 +449,7 @@ def make_groups(adapters: list) -> None:
     with the same class, variant, per-layer hyper-parameters, layer kind and weight shape."""
     buckets: dict = {}
     for a in adapters:
-        if a.shape.d_out * a.shape.d_in > BATCH_MAX or type(a).batched_weights is Adapter.batched_weights:
+        if a.shape.d_out * a.shape.d_in > BATCH_MAX or not type(a).batches():
             continue
         key = (type(a), a.variant, repr(sorted(a.hparams.items())), a.shape.kind, a.shape.weight_shape)
         buckets.setdefault(key, []).append(a)
@@ -499,6 +499,11 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def batches(cls) -> bool:
+        """Whether the method defines `batched_weights` (small alike layers then build W' together)."""
+        return cls.batched_weights.__func__ is not Adapter.batched_weights.__func__
+
+    @classmethod
     def sides(cls) -> tuple[str, ...]:
         """Where the forward pass may work: "weight" (rebuild W') always, "input" too where the method defines
         `forward_input` (it runs there for the layers whose `token_cost` it sets)."""
@@ -514,8 +519,8 @@ class Adapter(nn.Module):
 
     def adapted_weight(self) -> torch.Tensor:
         """W' (d_out × d_in); by default the method's batched formula for this one layer."""
-        if type(self).batched_weights is Adapter.batched_weights:
-            raise NotImplementedError
+        if not type(self).batches():
+            raise NotImplementedError(f"{self.method} defines neither adapted_weight nor batched_weights")
         return type(self).batched_weights([self]).squeeze(0)
 
     @classmethod

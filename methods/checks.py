@@ -400,8 +400,9 @@ def _run(check, arg, method: str, case: str) -> Result:
     except Skipped as e:
         result.skipped = str(e)
     except Exception as e:  # noqa: BLE001 - every failure is one line of the report
-        text = " ".join(str(e).split()) or "assertion failed"
-        result.problem = text if isinstance(e, AssertionError) else f"{type(e).__name__}: {text}"
+        text = " ".join(str(e).split())
+        result.problem = (text or "assertion failed") if isinstance(e, AssertionError) else \
+            f"{type(e).__name__}: {text}".rstrip(": ")
     return result
 
 

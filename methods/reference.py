@@ -83,6 +83,16 @@ def peft_config(info: dict, blocks: dict[str, tuple[int, int]] | None = None):
     raise fail("name", name, "has no peft reference", "", METHODS)
 
 
+def peft_note(name: str, module: nn.Module, hparams: dict) -> str:
+    """What peft ran otherwise than asked, for `bench.perf`'s notes: BOFT without peft's CUDA extension runs one
+    butterfly factor. "" when it ran what it was asked."""
+    if name == "boft":
+        ran = module.boft_R["default"].shape[0]
+        if ran != hparams.get("factors", 1):
+            return f"peft ran {ran} butterfly factor(s), not {hparams.get('factors')} (no CUDA extension)"
+    return ""
+
+
 def peft_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The attached adapters' parameters as peft's adapter state dict (peft's key names and shapes)."""
     info = methods.summary(model)

@@ -114,8 +114,9 @@ CHANNEL_METHODS = [n for n in METHODS if "conv_channels" in methods.registry.met
 @pytest.mark.parametrize("method", CHANNEL_METHODS)
 @pytest.mark.parametrize("budget", [1500, 3000])
 def test_budget_gives_convolutions_blocks_of_whole_channels(method, budget):
-    """Methods sized by `conv_channels` (OFT, Möbius): on a Conv2d a budget only chooses blocks of whole input channels (b a multiple of k·k):
-    `conv_channels` for the convolutions, blocks/block_size for the Linear layers, the pair closest to the budget."""
+    """Methods sized by `conv_channels` (OFT, Möbius): on a Conv2d a budget only chooses blocks of whole input
+    channels (b a multiple of k·k): `conv_channels` for the convolutions, blocks/block_size for the Linear layers,
+    the pair closest to the budget."""
     model = toy()  # conv_in: c_in = 4, 3×3 kernel, d_in = 36
     info = methods.attach(model, method, ATTN + ["conv_in"], budget=budget)
     j = info["hparams"]["conv_channels"]

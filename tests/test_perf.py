@@ -15,10 +15,17 @@ import methods
 from bench import perf
 from methods.attach import RiemannianAdam
 from methods.base import skew
+from methods.registry import method_class
 
-FUSED = [("lora", {"rank": 3, "alpha": 6}), ("dora", {"rank": 3}), ("oft", {"blocks": 4}), ("oft", {"block_size": 2}),
-         ("oft", {"block_size": 4, "cayley": "neumann"}), ("boft", {"block_size": 4, "factors": 2}),
-         ("boft", {"block_size": 2, "factors": 3})]
+def input_side_methods() -> list[str]:
+    """Every registered method that adapts Linear layers and has an input side (`forward_input`)."""
+    return [n for n in methods.available()
+            if "linear" in method_class(n).kinds and "input" in method_class(n).sides()]
+
+
+# every example of every method with an input side (the fused layers among them), and each one's main example
+FUSED = [pytest.param(n, hp, id=f"{n}[{e}]") for n in input_side_methods() for e, hp in method_class(n).examples.items()]
+MAIN = [pytest.param(n, next(iter(method_class(n).examples.values())), id=n) for n in input_side_methods()]
 
 
 def _ratios(node, path=""):
@@ -108,7 +115,7 @@ def test_fused_input_side_matches_autograd_through_the_weight(name, hp, d_in, d_
         assert (ours - reference).abs().max() <= 1e-5 * (1 + reference.abs().max())
 
 
-@pytest.mark.parametrize("name,hp", FUSED[:3] + FUSED[5:6])
+@pytest.mark.parametrize("name,hp", MAIN)
 def test_fused_input_side_under_bf16_autocast(name, hp):
     torch.manual_seed(0)
     adapter = _perturbed(name, nn.Linear(64, 48), **hp)
@@ -170,20 +177,20 @@ def reference_boost(u, v):
     return (1 - (a * a).sum(-1, keepdim=True)) * (u - a) / (u - a).square().sum(-1, keepdim=True) - a
 
 
-def test_frozen_weight_made_trainable_still_gets_its_gradient():
+@pytest.mark.parametrize("name,hp", MAIN)
+def test_frozen_weight_made_trainable_still_gets_its_gradient(name, hp):
     torch.manual_seed(0)
-    for name, hp in (("lora", {}), ("oft", {"blocks": 4})):
-        layer = nn.Linear(16, 8)
-        adapter = _perturbed(name, layer, **hp)
-        layer.weight.requires_grad_(True)
-        x = torch.randn(40, 16)
-        grads = []
-        for side in ("input", "weight"):
-            adapter.side = side
-            layer.weight.grad = None
-            adapter(x).square().sum().backward()
-            grads.append(layer.weight.grad.clone())
-        assert (grads[0] - grads[1]).abs().max() <= 1e-4 * grads[1].abs().max()
+    layer = nn.Linear(16, 8)
+    adapter = _perturbed(name, layer, **hp)
+    layer.weight.requires_grad_(True)
+    x = torch.randn(40, 16)
+    grads = []
+    for side in ("input", "weight"):
+        adapter.side = side
+        layer.weight.grad = None
+        adapter(x).square().sum().backward()
+        grads.append(layer.weight.grad.clone())
+    assert (grads[0] - grads[1]).abs().max() <= 1e-4 * grads[1].abs().max()
 
 
 @pytest.mark.slow
@@ -199,7 +206,8 @@ def test_weight_groups_build_the_same_weights_and_gradients():
         sum(model(latents, t, encoder_hidden_states=text).sample.square().mean() for _ in range(forwards)).backward()
 
     base = build_unet()
-    for name in ("lora", "dora", "oft", "boft", "svd_scaling", "soda", "mobius"):
+    batched = [n for n in methods.available() if method_class(n).batches() and "linear" in method_class(n).kinds]
+    for name in batched:
         grouped = copy.deepcopy(base)
         methods.attach(grouped, name)
         for _, a in methods.adapters(grouped):
