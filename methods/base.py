@@ -11,6 +11,9 @@ computes the adapted weight `W'`. A method subclass gives
   weight gradient dyᵀx a rebuilt `W'` costs (d_out·d_in per token): the method's map applied to the activations
   (a low-rank path, a rotation of x), or one of the fused layers below (`low_rank_linear`, `rotated_linear`: one
   product with `W'` forward, parameter gradients from the activations backward).
+- class attributes the property checks (`methods.checks`) and `bench.perf` read, so that nothing outside the class
+  names a method: `examples` (small valid hyper-parameters), `kinds` (Linear and/or Conv2d), `identity_at_init`,
+  `perf_target`, `peft_perf_target` (docs/adding-a-method.md has the whole list).
 
 The forward pass picks the cheaper side per call (`side = "auto"`, by `input_cost` vs `weight_cost`;
 "input"/"weight" force one), and in eval mode without gradients reuses a cached merged weight, invalidated whenever

@@ -22,27 +22,13 @@ from hydra import compose, initialize_config_dir
 import methods
 from bench import CONF
 from bench.validate import UsageError, check
+from isolated_registry import isolated  # noqa: F401  (the fixture)
 from methods import checks, registry
 
 TOY = Path(__file__).parent / "data" / "toy_method"
 ROOT = Path(__file__).parents[1]
 SMOKE = ["experiment=smoke", "task.subjects=[checker]", "task.steps=2", "task.prompts_per_subject=1",
          "task.images_per_prompt=1", "task.drift_prompts=0", "task.prior_preservation=false"]
-
-
-@pytest.fixture
-def isolated(tmp_path):
-    """The registry, its entry-point flag and sys.path restored after the test, and the modules imported from
-    tmp_path forgotten."""
-    saved = (dict(registry._REGISTRY), registry._entry_points_loaded, list(sys.path))
-    yield
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(saved[0])
-    registry._entry_points_loaded = saved[1]
-    sys.path[:] = saved[2]
-    for name, module in list(sys.modules.items()):
-        if str(getattr(module, "__file__", None) or "").startswith(str(tmp_path)):
-            del sys.modules[name]
 
 
 def out_of_tree(tmp_path: Path, module: str = "toy_scale", text: str | None = None) -> tuple[Path, Path]:

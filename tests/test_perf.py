@@ -24,7 +24,8 @@ def input_side_methods() -> list[str]:
 
 
 # every example of every method with an input side (the fused layers among them), and each one's main example
-FUSED = [pytest.param(n, hp, id=f"{n}[{e}]") for n in input_side_methods() for e, hp in method_class(n).examples.items()]
+FUSED = [pytest.param(n, hp, id=f"{n}[{e}]") for n in input_side_methods()
+         for e, hp in method_class(n).examples.items()]
 MAIN = [pytest.param(n, next(iter(method_class(n).examples.values())), id=n) for n in input_side_methods()]
 
 
