@@ -209,7 +209,7 @@ def bench(*args, cwd, env=None, timeout=900):
 
 @pytest.mark.slow
 def test_corrupt_image_fails_its_unit_naming_the_file_and_the_job_goes_on(tmp_path):
-    bench_root = save_dreambench(tmp_path / "bench")
+    bench_root = save_dreambench(tmp_path / "dreambench")  # not "bench": python -m bench runs in tmp_path
     broken = bench_root / "dataset" / "dog" / "01.jpg"
     broken.write_bytes(broken.read_bytes()[:50])
     sd = save_tiny_sd(tmp_path / "sd")
@@ -219,7 +219,7 @@ def test_corrupt_image_fails_its_unit_naming_the_file_and_the_job_goes_on(tmp_pa
                 f"task.metrics.dino={save_tiny_dino(tmp_path / 'dino')}",
                 f"task.metrics.clip_model={save_tiny_clip(tmp_path / 'clip')}",
                 f"cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
-    assert out.returncode == 1, out.stderr[-3000:]
+    assert out.returncode == 1 and (tmp_path / "run" / "dog" / "record.json").exists(), out.stdout[-3000:]
     dog, backpack = read(tmp_path / "run" / "dog" / "record.json"), read(tmp_path / "run" / "backpack" / "record.json")
     assert dog["run"]["status"] == "failed" and str(broken) in dog["run"]["error"], dog["run"]["error"]
     assert backpack["run"]["status"] == "success", backpack["run"]["error"]
