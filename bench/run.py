@@ -30,7 +30,7 @@ import results
 import tasks
 from results import record as records
 
-from . import faults
+from . import export, faults
 from . import logger as loggers
 from . import models, tune
 from .faults import note_in_sweep
@@ -220,7 +220,7 @@ def _attempt(cfg, task, unit, model, run_dir, unit_config, config_hash, fingerpr
     records.write_record(run_dir, record)
     note_in_sweep(record_path)
     tracker = loggers.create(cfg.logger, record["run"]["id"], unit_config,
-                             tags=[method_cfg.name, task.name, cfg.model.name])
+                             tags=[method_cfg.name, task.name, cfg.model.name], record=record, run_dir=run_dir)
     start = time.perf_counter()
     try:
         encoder = task.control_encoder(model)
@@ -233,6 +233,8 @@ def _attempt(cfg, task, unit, model, run_dir, unit_config, config_hash, fingerpr
                 cfg, data, prior, model, requests, drift_requests, encoder, tracker)
             if method_cfg.name != "none":
                 record["method"]["adapter_bytes"] = methods.save(model.unet, run_dir / "adapter")
+                export.write_formats(model.unet, run_dir / "adapter")  # peft's and diffusers' formats beside it
+                tracker.artifact(run_dir / "adapter", record["run"]["id"], record["method"])
         eval_start = time.perf_counter()
         scores = task.score(unit, requests, images, drift_base, drift_adapted)
         record["eval"] = {"seconds": sample_seconds + time.perf_counter() - eval_start, "images": len(images)}

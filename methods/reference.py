@@ -18,6 +18,7 @@ factors → boft_n_butterfly_factor) and parameters are copied across:
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import safetensors.torch
@@ -142,9 +143,40 @@ def attach(model: nn.Module, name: str, target_modules=None, budget: int | None 
     return get_peft_model(model, peft_config(info, blocks))
 
 
+def peft_mismatch(model: nn.Module) -> str:
+    """Why peft's adapter would not compute what the attached one computes (one line), or "" where it does: the
+    method peft lacks; OFT on a k×k convolution (k > 1): peft multiplies the convolution's input channels by R in
+    its forward pass, the project (and peft's own merge) rotates the flattened kernel, so peft's unmerged output
+    differs while its merged weights are equal; BOFT with more than one butterfly factor (peft builds them only
+    with its CUDA extension, on CPU it builds one and refuses the file); block sizes peft's one setting cannot
+    express (`peft_config`). `bench.export` writes merged weights where this is not ""."""
+    info = methods.summary(model)
+    name = info["method"]
+    if name not in METHODS:
+        return f"peft has no {name} (it has {', '.join(METHODS)})"
+    if name == "oft":
+        convs = [(n, a.shape.weight_shape[2:]) for n, a in methods.adapters(model)
+                 if a.shape.kind == "conv2d" and math.prod(a.shape.weight_shape[2:]) > 1]
+        if convs:
+            (first, kernel), n = convs[0], len(convs)
+            return (f"peft's OFT multiplies a convolution's input by R where ours rotates its flattened "
+                    f"{'×'.join(map(str, kernel))} kernel: unmerged, peft differs on {n} convolution(s) (e.g. "
+                    f"{first}); merged, the weights are equal")
+    if name == "boft" and (info["hparams"].get("factors") or 1) > 1:
+        return (f"peft runs BOFT with {info['hparams']['factors']} butterfly factors only with its CUDA extension; "
+                "on CPU it builds one factor and refuses the file")
+    try:
+        peft_config(info, blocks_of(model))
+    except MethodError as e:
+        return str(e)
+    return ""
+
+
 def export(model: nn.Module, path) -> Path:
     """Write the attached LoRA/DoRA/OFT/BOFT in peft's adapter format (adapter_config.json +
-    adapter_model.safetensors), loadable with `peft.PeftModel.from_pretrained(base_model, path)`."""
+    adapter_model.safetensors), loadable with `peft.PeftModel.from_pretrained(base_model, path)`. Check
+    `peft_mismatch(model)` first: where it is not "", peft loads the file but computes something else (or refuses
+    it)."""
     path = Path(path)
     peft_config(methods.summary(model), blocks_of(model)).save_pretrained(str(path))
     safetensors.torch.save_file({k: v.cpu() for k, v in peft_state(model).items()},
