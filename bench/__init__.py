@@ -4,6 +4,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-CONF = Path(__file__).resolve().parent.parent / "conf"  # the Hydra config tree
+_HERE = Path(__file__).resolve().parent
+# The Hydra config tree: bench/conf/ in an installed wheel (setup.py maps conf/ into the package), else conf/ beside
+# the package (a checkout, an editable install).
+CONF = _HERE / "conf" if (_HERE / "conf" / "config.yaml").is_file() else _HERE.parent / "conf"
 # `${conf_path:tuned/x.yaml}`: a file of the config tree, wherever the package is installed
 OmegaConf.register_new_resolver("conf_path", lambda relative: str(CONF / relative), replace=True)

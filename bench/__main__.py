@@ -1,4 +1,5 @@
-"""`python -m bench`: the Hydra app. One job = one (method, task, model, seed); `-m` sweeps.
+"""`python -m bench` (or the `peftbench` console script, the same program): the Hydra app. One job = one
+(method, task, model, seed); `-m` sweeps.
 
     python -m bench -m method=mobius,oft,lora task=dreambooth
     python -m bench --cfg job method=oft
@@ -42,7 +43,7 @@ def check_group_overrides(argv: list[str]) -> str | None:
     return None
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
 def main(cfg: DictConfig) -> float:
     from .run import run_job
 
@@ -70,7 +71,8 @@ def finish(argv: list[str]) -> int:
     return status
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m bench` and the `peftbench` console script (pyproject.toml): the same program."""
     quiet_libraries()
     faults.install_signal_handlers()
     try:
@@ -85,3 +87,7 @@ if __name__ == "__main__":
               "rerun the same command to resume", file=sys.stderr)
         sys.exit(128 + signum)
     sys.exit(finish(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    cli()

@@ -67,7 +67,9 @@ from tqdm.auto import tqdm
 import methods
 from methods.registry import available, method_class
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
+from . import CONF as CONF_TREE  # the config tree, in a checkout or installed
+
+CONF = CONF_TREE / "method"
 TARGET_MIN_TOKENS = 1024
 MICRO_TARGET = 1.15
 SAMPLING_TOLERANCE = 0.05

@@ -30,12 +30,14 @@ def generate(
     batch_size: int = 64,
     controls: torch.Tensor | None = None,
     encoder=None,
-    progress: bool = False,
+    progress: bool | None = None,
+    desc: str | None = None,
 ) -> torch.Tensor:
     """Images (N, 3, H, W) in [0, 1] for prompts[i] from seeds[i].
 
     With `controls` (N, C, H, W) and a control `encoder` (tasks.controllable.ControlEncoder), image i is
-    conditioned on controls[i] in both guidance branches.
+    conditioned on controls[i] in both guidance branches. A progress bar counts denoising steps over all batches
+    (`desc`, default "sampling N images"); `progress=None` shows it where stderr is a terminal (not in logs).
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"prompts and seeds differ in length ({len(prompts)} vs {len(seeds)})")
@@ -44,7 +46,9 @@ def generate(
     empty = model.unconditional()
     out = []
     starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="sampling", disable=not progress, leave=False):
+    bar = tqdm(total=len(starts) * len(sampler.timesteps), desc=desc or f"sampling {len(prompts)} images",
+               unit="step", disable=None if progress is None else not progress, leave=False)
+    for start in starts:
         part = slice(start, min(start + batch_size, len(prompts)))
         n = part.stop - part.start
         cond = model.encode_prompts(list(prompts[part]))
@@ -60,5 +64,7 @@ def generate(
                 uncond, cond_out = model.predict(x, t, text).chunk(2)
                 guided = uncond + guidance * (cond_out - uncond)
                 latents = sampler.step(guided, t, latents).prev_sample
+                bar.update()
         out.append(model.decode_latents(latents).cpu())
+    bar.close()
     return torch.cat(out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import time
 
@@ -18,6 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .models import Diffusion, Prompts
+
+log = logging.getLogger(__name__)
 
 
 class Diverged(RuntimeError):
@@ -109,7 +112,8 @@ def finetune(
     losses = []
     model.unet.train()
     t0 = time.perf_counter()
-    for step in tqdm(range(steps), desc="fine-tuning", leave=False):
+    bar = tqdm(range(steps), desc="fine-tuning", leave=False)
+    for step in bar:
         # instance and class examples share one UNet pass: loss = mean(instance) + prior_weight · mean(class)
         batch = instance.draw(rng, batch_size)
         weights = torch.full((batch_size,), 1 / batch_size)
@@ -129,7 +133,21 @@ def finetune(
         for opt in optimizers:
             opt.step()
         losses.append(value)
+        bar.set_postfix(loss=f"{running_mean(losses):.4g}", refresh=False)  # one step's loss: mostly its t's noise
         if on_step is not None:
             on_step(step, value)
     model.unet.eval()
-    return TrainResult(steps, time.perf_counter() - t0, losses)
+    seconds = time.perf_counter() - t0
+    if losses:
+        log.info("fine-tuned %d steps in %.1f s: loss %.4g -> %.4g (running mean over %d steps)", steps, seconds,
+                 running_mean(losses[:LOSS_WINDOW]), running_mean(losses), min(LOSS_WINDOW, len(losses)))
+    return TrainResult(steps, seconds, losses)
+
+
+LOSS_WINDOW = 50  # steps in the running mean the progress bar and the log show
+
+
+def running_mean(losses: list[float]) -> float:
+    """The mean of the last LOSS_WINDOW losses."""
+    recent = losses[-LOSS_WINDOW:]
+    return sum(recent) / len(recent)
