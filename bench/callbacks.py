@@ -30,7 +30,7 @@ class Leaderboard(Callback):
         os.environ[SWEEP_MANIFEST] = str(manifest)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        if config.get("tune") and config.tune.enabled:  # a tuning sweep's result is its learning rates
+        if config is not None and config.get("tune") and config.tune.enabled:  # a tuning sweep's result is its learning rates
             output = Path(config.tune.output)
             print(f"\nTuned learning rates ({output / 'tuned.yaml'}; every trial in study-<method>.json):\n")
             print(tune.summary_table(output))

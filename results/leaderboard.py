@@ -3,7 +3,7 @@ results.stats: hierarchical bootstrap means, paired comparisons with a reference
 
 Leaderboard columns (stable; `--csv` writes them):
 - keys: task, dataset, model, method, variant, budget, setting and any `by` columns;
-- n (successful runs), failed (and running/skipped where present), lr (the learning rate used, `method.lr`) and
+- n (successful runs), failed (and running/interrupted/skipped where present), lr (the learning rate used, `method.lr`) and
   lr_source ("yaml" or "tuned: <file>"; empty in older records);
 - per metric M (named exactly as the record's metric key): `M` (mean of the per-unit means), `M_lo`/`M_hi`
   (95% hierarchical bootstrap CI), `n_M` (runs with a value), `delta_M`, `delta_M_lo`, `delta_M_hi` (paired Δ
@@ -49,7 +49,8 @@ RESOURCES = {
     "train_seconds": "train.seconds",
     "peak_memory_mb": "train.peak_memory_mb",
 }
-INTEGER_COLUMNS = ("n", "failed", "running", "skipped", "budget", "trainable_params", "stored_params", "extra_params",
+OTHER_STATUSES = ("running", "interrupted", "skipped")  # counted in their own columns where present
+INTEGER_COLUMNS = ("n", "failed", *OTHER_STATUSES, "budget", "trainable_params", "stored_params", "extra_params",
                    "adapter_bytes")
 # method columns that describe a run's outcome or provenance, not its setting
 NOT_SETTINGS = {*METHOD_KEYS.values(), *RESOURCES.values(), "method.lr_source"}
@@ -247,7 +248,7 @@ def analyse(data, metrics: list[str] | None = None, by: Iterable[str] = (), refe
         ok = runs[runs["run.status"] == "success"]
         counts = runs["run.status"].value_counts()
         row = dict(zip(keys, key), n=len(ok), failed=int(counts.get("failed", 0)))
-        row.update({status: int(counts[status]) for status in ("running", "skipped") if status in counts})
+        row.update({status: int(counts[status]) for status in OTHER_STATUSES if status in counts})
         lr = _column(ok, "method.lr")
         row["lr"] = _one(lr if lr.notna().any() else _column(ok, "method.hparams.lr"))
         row["lr_source"] = ", ".join(map(str, _column(ok, "method.lr_source").dropna().unique()))
@@ -286,7 +287,7 @@ def analyse(data, metrics: list[str] | None = None, by: Iterable[str] = (), refe
     _pairwise(sweep, metrics, info, alpha)
     comparisons = _reference_comparisons(sweep, metrics, reference, by, level, resamples)
 
-    columns = [*keys, "n", "failed", *(s for s in ("running", "skipped") if s in board), "lr", "lr_source"]
+    columns = [*keys, "n", "failed", *(s for s in OTHER_STATUSES if s in board), "lr", "lr_source"]
     columns += [c for m in metrics for c in metric_columns(m)]
     board["under_budget"] = (board["trainable_params"] < UNDER_BUDGET * pd.to_numeric(board["budget"],
                                                                                       errors="coerce")).fillna(False)
@@ -620,7 +621,7 @@ def display(board: pd.DataFrame) -> pd.DataFrame:
             continue
         out[column] = values
     out["n"] = board["n"]
-    for column in ("failed", "running", "skipped"):
+    for column in ("failed", *OTHER_STATUSES):
         if column in board:
             out[column] = board[column]
     if board["lr"].notna().any():

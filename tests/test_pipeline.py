@@ -76,8 +76,8 @@ def test_same_seed_same_metrics(sweep, tmp_path):
 def test_divergence_is_recorded_and_the_sweep_goes_on(tmp_path):
     out = bench("-m", "experiment=smoke", "method=lora", "method.lr=1e30,1e-4", "task.subjects=[checker]",
                 f"cache_dir={tmp_path}/cache", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    by_lr = {r["method"]["lr"]: r for r in records(tmp_path / "multirun")}
+    assert out.returncode == 1, out.stderr[-3000:]  # a unit did not succeed: the job says so in its status
+    by_lr = {r["run"]["config"]["method"]["lr"]: r for r in records(tmp_path / "multirun")}  # the yaml's lr
     assert by_lr[1e30]["run"]["status"] == "failed" and "Diverged" in by_lr[1e30]["run"]["error"]
     assert by_lr[1e-4]["run"]["status"] == "success"
     assert "failed" in out.stdout
