@@ -36,8 +36,12 @@ import safetensors.torch
 import torch
 from torch import nn
 
-import methods
-from methods.attach import CONFIG_FILE as ADAPTER_CONFIG
+from .validate import quiet_libraries
+
+quiet_libraries()  # before methods imports geoopt, which warns at import: an error stays one line
+
+import methods  # noqa: E402
+from methods.attach import CONFIG_FILE as ADAPTER_CONFIG  # noqa: E402
 
 log = logging.getLogger(__name__)
 FORMATS = ("peft", "diffusers", "merged")
@@ -187,17 +191,22 @@ def write_pipeline(model, source, out) -> Path:
 # ---- a run directory -------------------------------------------------------------------------------------------
 
 
+def _record(run_dir: Path) -> dict:
+    if not run_dir.is_dir():
+        raise ExportError(f"RUN_DIR: {run_dir} is not a directory (one unit's run directory: record.json + adapter/)")
+    try:
+        return json.loads((run_dir / "record.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"RUN_DIR: {run_dir} has no readable record.json ({type(e).__name__}; one unit's run "
+                          "directory: record.json + adapter/)") from None
+
+
 def load_run(run_dir, device: str = "cpu"):
     """(record, model with the run's adapter attached) of one unit's run directory."""
     from . import models
 
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ExportError(f"RUN_DIR: {run_dir} is not a directory (one unit's run directory: record.json + adapter/)")
-    record_path = run_dir / "record.json"
-    if not record_path.is_file():
-        raise ExportError(f"RUN_DIR: {run_dir} has no record.json (one unit's run directory: record.json + adapter/)")
-    record = json.loads(record_path.read_text())
+    record = _record(run_dir)
     name = record["method"]["name"]
     if not (run_dir / "adapter" / ADAPTER_CONFIG).is_file():
         status = record["run"]["status"]
@@ -223,15 +232,17 @@ def export_run(run_dir, to: str, out, device: str = "cpu") -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"OUT: {out} exists and is not an empty folder")
+    name = _record(Path(run_dir))["method"]["name"]  # what the method allows, before any model loads
+    if to == "peft" and name not in _reference().METHODS:
+        raise ExportError(f"--to peft: peft has no {name} (it has {', '.join(_reference().METHODS)}); "
+                          "--to merged writes the merged model instead")
+    if to == "diffusers" and name not in LORA_METHODS:
+        raise ExportError(f"--to diffusers: diffusers' LoRA loader takes LoRA and DoRA, not {name}; "
+                          "--to merged writes the merged model instead")
     record, model = load_run(run_dir, device)
-    name = record["method"]["name"]
     if to == "peft":
-        if name not in _reference().METHODS:
-            raise ExportError(f"--to peft: peft has no {name} (it has {', '.join(_reference().METHODS)}); "
-                              "--to merged writes the merged model instead")
         return write_peft(model.unet, out)
     if to == "diffusers":
-        diffusers_state(model.unet)  # checks the method before anything is written
         return write_diffusers(model.unet, out).parent
     methods.merge(model.unet)
     return write_pipeline(model, source_folder(record["run"]["config"].get("model", {}).get("path", "micro")), out)
@@ -251,10 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", metavar="OUT", help="the folder to write (absent or empty)")
     parser.add_argument("--device", default="cpu", help="where to load the model (default cpu)")
     args = parser.parse_args(argv)
-    try:
-        from .validate import quiet_libraries
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-        quiet_libraries()
+    transformers_logging.disable_progress_bar()  # loading bars: an error stays one line
+    diffusers_logging.disable_progress_bar()
+    try:
         path = export_run(args.run_dir, args.to, args.out, args.device)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
