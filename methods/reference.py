@@ -13,6 +13,9 @@ factors → boft_n_butterfly_factor) and parameters are copied across:
 - BOFT: peft stores full b×b matrices and takes their skew part, and has a per-output scale `boft_s` that the
   project's BOFT (DESIGN §2) does not; it is exported as ones. Without its CUDA extension peft runs BOFT with
   one butterfly factor only, so `to_peft` refuses m > 1 there; `export` writes any m.
+
+`peft_mismatch` says where peft's adapter would not compute what ours computes (OFT on k×k convolutions, BOFT with
+m > 1, block sizes peft's one setting cannot express); `bench.export` writes merged weights there instead.
 """
 
 from __future__ import annotations

@@ -88,3 +88,12 @@ def test_the_smoke_preset_runs_from_a_non_editable_install(installed):
         assert (job / "peftbench.log").is_file()  # the job's name, not __main__
     lora = next((elsewhere / "multirun" / "smoke").glob("*method=lora/checker"))
     assert (lora / "adapter" / "peft" / "adapter_config.json").is_file()
+
+
+def test_hydra_tab_completion_works_with_the_console_script(installed):
+    bin_dir, elsewhere = installed
+    line = "peftbench method="
+    out = subprocess.run([str(bin_dir / "peftbench"), "-sc", "query=bash"], capture_output=True, text=True,
+                         cwd=elsewhere, env={**env(), "COMP_LINE": line, "COMP_POINT": str(len(line))})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "method=lora" in out.stdout.split() and "method=oft" in out.stdout.split()
