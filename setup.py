@@ -16,5 +16,5 @@ DATA = ["*.json", "*.yaml", "*.safetensors", "*.txt", "*.j2"]
 setup(
     packages=find_namespace_packages(include=["bench*", "methods*", "tasks*", "results*"]) + ["bench.conf"],
     package_dir={"bench.conf": "conf"},
-    package_data={"": DATA, "bench.conf": ["**/*.yaml"]},
+    package_data={"": DATA, "bench.conf": ["**/*.yaml", "**/*.json"]},  # json: the tuning studies beside tuned.yaml
 )

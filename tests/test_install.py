@@ -60,8 +60,9 @@ def test_the_installed_package_carries_its_config_tree_and_weights(installed):
     site_packages = module.parent.parent
     assert ROOT not in module.parents and site_packages.name == "site-packages"
     assert conf == site_packages / "bench" / "conf"
-    assert sorted(p.relative_to(conf) for p in conf.rglob("*.yaml")) == sorted(
-        p.relative_to(ROOT / "conf") for p in (ROOT / "conf").rglob("*.yaml"))
+    shipped = sorted(p.relative_to(conf) for p in conf.rglob("*") if p.is_file())
+    assert shipped == sorted(p.relative_to(ROOT / "conf") for p in (ROOT / "conf").rglob("*")
+                             if p.is_file() and p.suffix in (".yaml", ".json"))
     assert (weights / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not (site_packages / "conf").exists()  # nothing at the top of site-packages but our packages
 
