@@ -357,13 +357,14 @@ class RealControllable:
         self.root, self.size = root, int(cfg.resolution)
         self.objective = REAL_OBJECTIVE[cfg.name]
         self.captions = self._captions(root)
-        # One seeded permutation: test images first, then validation images (as many as test_size; learning-rate
-        # tuning evaluates on them with `task.split=validation`), then training images.
+        # One seeded permutation: the first test_size images are the test set, the next train_size the training
+        # set, the last test_size the validation set (learning-rate tuning evaluates there, `task.split=validation`,
+        # and never trains on them; on a dataset too small to hold all three, test runs may train on some).
         order = np.random.default_rng(cfg.split_seed).permutation(len(images))
-        n = cfg.test_size
-        held_out = order[:n] if split_of(cfg) == "test" else order[n : 2 * n]
-        self.test_files = [images[i] for i in held_out]
-        self.train_files = [images[i] for i in order[2 * n : 2 * n + cfg.train_size]]
+        n, validation = cfg.test_size, order[len(images) - cfg.test_size :]
+        tuning = split_of(cfg) == "validation"
+        self.test_files = [images[i] for i in (validation if tuning else order[:n])]
+        self.train_files = [images[i] for i in order[n : n + cfg.train_size] if not (tuning and i in validation)]
         for f in self.test_files + self.train_files:  # a missing annotation is an error before any work
             self._annotation(f)
         self._cache: dict[Path, tuple] = {}

@@ -175,9 +175,13 @@ def load_image(path: Path, size: int) -> torch.Tensor:
 
 
 def dreambench_split(names: list[str], split: str) -> list[str]:
-    """The fixed DreamBench subject split: every fifth subject in `prompts_and_classes.txt` order (the 1st, 6th,
-    11th, ...: 6 of the 30, objects and live subjects alike) is a validation subject, the rest are test subjects."""
-    return [n for i, n in enumerate(names) if (i % 5 == 0) == (split == "validation")]
+    """The fixed DreamBench subject split: every fifth subject in `prompts_and_classes.txt` order (the 5th, 10th,
+    ..., 30th: 6 of the 30, objects and live subjects alike) is a validation subject, the rest are test subjects."""
+    chosen = [n for i, n in enumerate(names) if (i % 5 == 4) == (split == "validation")]
+    if not chosen:
+        raise TaskError(f"task.split: no {split} subjects among the {len(names)} found (every fifth subject is a "
+                        "validation subject); allowed: task.subjects=[...]")
+    return chosen
 
 
 class DreamBench:
