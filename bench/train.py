@@ -133,7 +133,8 @@ def finetune(
         for opt in optimizers:
             opt.step()
         losses.append(value)
-        bar.set_postfix(loss=f"{running_mean(losses):.4g}", refresh=False)  # one step's loss: mostly its t's noise
+        # one step's loss is mostly its t's noise: the bar shows the running mean, drawn at least on the last step
+        bar.set_postfix(loss=f"{running_mean(losses):.4g}", refresh=step == steps - 1)
         if on_step is not None:
             on_step(step, value)
     model.unet.eval()

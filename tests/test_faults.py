@@ -50,6 +50,10 @@ def read(path: Path) -> dict:
 def signals():
     """Restore the process's signal handlers and the module's state after a test that installs its own."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)}
+    # start from Python's defaults: an earlier in-process run_job (other test files) installed the runner's handlers
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    faults._handled.clear()
     yield
     for s, h in saved.items():
         signal.signal(s, h)
