@@ -7,13 +7,13 @@ Leaderboard columns (stable; `--csv` writes them):
   lr_source ("yaml" or "tuned: <file>"; empty in older records);
 - per metric M (named exactly as the record's metric key): `M` (mean of the per-unit means), `M_lo`/`M_hi`
   (95% hierarchical bootstrap CI), `n_M` (runs with a value), `delta_M`, `delta_M_lo`, `delta_M_hi` (paired Δ
-  vs the reference method and its CI), `p_M` (sign-flip p over units, Holm-adjusted across every comparison
-  on the board), `rank_M` (tied rank, a string such as "1–3");
+  vs the reference method and its CI), `p_M` (sign-flip p over units, Holm-adjusted across the rows compared
+  with the reference on that task and metric: the same family as the ranks), `rank_M` (tied rank, a string such as "1–3");
 - costs: trainable_params, stored_params, extra_params, adapter_bytes, train_seconds, peak_memory_mb (each the
   median over units of the per-unit median over seeds), memory_source, under_budget (trainable parameters below
   0.9 × method.budget).
 Integer columns (n, failed, budget, n_M, parameter counts, bytes) are nullable integers. `board.attrs` keeps
-metrics, metric_info, keys, by, reference, the number of comparisons, the MDE per task and metric, alpha and level.
+metrics, metric_info, keys, by, reference, comparisons (the largest Holm family of Δ p-values), the MDE per task and metric, alpha and level.
 """
 
 from __future__ import annotations
@@ -366,15 +366,17 @@ def _reference_row(board: pd.DataFrame, row: int, members: list[int], reference:
 
 def _reference_comparisons(sweep: Sweep, metrics: list[str], reference: str | None, by: list[str], level: float,
                            resamples: int) -> int:
-    """delta_M, its CI and p_M of every fine-tuned row against its reference row, p Holm-adjusted across every
-    (row, metric) comparison on the board. Returns the number of comparisons."""
+    """delta_M, its CI and p_M of every fine-tuned row against its reference row. p is Holm-adjusted within each
+    (task, metric) family, the family the ranks use: each metric asks its own question, and a family across metrics
+    would make a board's significance depend on how many metrics it shows (at 8 units and 4 metrics no Δ could
+    ever reach it: the smallest sign-flip p is 2/2^8). Returns the size of the largest family."""
     board = sweep.board
     for name in metrics:
         for suffix in ("delta_{}", "delta_{}_lo", "delta_{}_hi", "p_{}"):
             board[suffix.format(name)] = np.nan
     if reference is None:
         return 0
-    found = []
+    families: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for task, members in sweep.tasks.items():
         for row in members:
             ref = _reference_row(board, row, members, reference, by)
@@ -385,11 +387,11 @@ def _reference_comparisons(sweep: Sweep, metrics: list[str], reference: str | No
                 if c.n == 0:
                     continue
                 board.loc[row, [f"delta_{name}", f"delta_{name}_lo", f"delta_{name}_hi"]] = c.delta, c.lo, c.hi
-                found.append((row, name, c.p))
-    adjusted = stats.holm([p for _, _, p in found])
-    for (row, name, _), p in zip(found, adjusted):
-        board.loc[row, f"p_{name}"] = p
-    return int(np.sum(~np.isnan([p for _, _, p in found]))) if found else 0
+                families.setdefault((task, name), []).append((row, c.p))
+    for (_, name), found in families.items():
+        for (row, _), p in zip(found, stats.holm([p for _, p in found])):
+            board.loc[row, f"p_{name}"] = p
+    return max((int(np.sum(~np.isnan([p for _, p in found]))) for found in families.values()), default=0)
 
 
 def leaderboard(data, metrics: list[str] | None = None, by: Iterable[str] = (), reference: str | None = AUTO,
@@ -651,8 +653,8 @@ def notes(board: pd.DataFrame) -> list[str]:
     reference = board.attrs.get("reference")
     if reference:
         lines.append(f"Δ vs {reference}: paired over the same (unit, seed), mean of the per-unit differences "
-                     f"[{level:.0%} CI]; p: two-sided sign-flip test over units, Holm-adjusted across the "
-                     f"{board.attrs['comparisons']} comparisons shown.")
+                     f"[{level:.0%} CI]; p: two-sided sign-flip test over units, Holm-adjusted within each metric "
+                     f"(up to {board.attrs['comparisons']} comparisons with {reference}, the ranks' family).")
     else:
         lines.append("No reference method (no lora runs, or --no-reference): no Δ or p columns.")
     lines.append(TIED)

@@ -300,7 +300,7 @@ def test_markdown_shows_direction_ci_rank_and_failures(runs):
     assert re.search(r"\| \+0\.1 p=1 +\| 1–4 ", text)  # oft: Δ (the same on every pair: no CI), adjusted p
     assert "#" not in text  # no "#1" anywhere: ranks are ranges unless a test separates the methods
     assert "minimum detectable paired difference (80% power): subject_fidelity" in text
-    assert "share a rank lo–hi" in text and "Holm-adjusted across the 9 comparisons" in text
+    assert "share a rank lo–hi" in text and "Holm-adjusted within each metric (up to 3 comparisons with lora" in text
     one = results.leaderboard([make_record("oft", coft=False)])  # one method: no reference, rank 1, no MDE
     text = results.to_markdown(one)
     assert re.search(r"\(n=1\) +\| +1 +\|", text) and "No reference method" in text and "minimum detectable" not in text
@@ -341,7 +341,7 @@ def test_tied_ranks_on_the_board():
     assert oft["delta_subject_fidelity"] == pytest.approx(0.2, abs=0.01)
     assert oft["delta_subject_fidelity_lo"] < oft["delta_subject_fidelity"] < oft["delta_subject_fidelity_hi"]
     assert oft["delta_subject_fidelity_hi"] - oft["delta_subject_fidelity_lo"] < 0.03
-    assert oft["p_subject_fidelity"] == pytest.approx(4 * 2 / 2 ** 8)  # 4 comparisons, Holm: m * (2/2^8)
+    assert oft["p_subject_fidelity"] == pytest.approx(2 * 2 / 2 ** 8)  # Holm within the metric: 2 rows vs lora
     # two indistinguishable methods share 1–2
     board = results.leaderboard(simulated_sweep({"lora": 0.0, "oft": 0.0}), resamples=1000)
     assert set(board["rank_subject_fidelity"]) == {"1–2", ""}
@@ -372,8 +372,8 @@ def test_csv_columns_and_integer_types(tmp_path, capsys):
     assert re.search(r"^dreambooth,micro,micro,lora,,,,6,0,0\.001,,", text, re.M)  # ints written without ".0"
     assert ",4096,4096,,16384," in text and lora["rank_subject_fidelity"] == "1–2"
     oft = csv[csv["method"] == "oft"].iloc[0]
-    # 3 units: smallest p 2/2^3, Holm over 2 comparisons
-    assert oft["delta_subject_fidelity"] == pytest.approx(0.1, abs=0.03) and oft["p_subject_fidelity"] == 0.5
+    # 3 units: smallest p 2/2^3; one row vs lora per metric, so Holm leaves it
+    assert oft["delta_subject_fidelity"] == pytest.approx(0.1, abs=0.03) and oft["p_subject_fidelity"] == 0.25
 
 
 def test_reference_choice(tmp_path, capsys):
