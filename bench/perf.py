@@ -560,7 +560,7 @@ def environment(device: torch.device, autocast) -> dict:
         "cpu_count": os.cpu_count(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "precision": str(autocast).replace("torch.", "") if autocast else "fp32",
-        "narrow": methods.base.NARROW,
+        "narrow": methods.cost.NARROW,
         "memory_source": "cuda max_memory_allocated" if device.type == "cuda" else
         "aten allocations tracked by a dispatch mode (CPU)",
     }

@@ -4,10 +4,12 @@ Depends on torch (plus geoopt for SODA's Stiefel factors and safetensors for ada
 the project; `methods.reference` alone imports Hugging Face peft. See docs/methods.md for every formula.
 
 Every module of this folder is a method module that registers itself (`@register("<name>")`), except names
-starting with "_" and `registry.INFRASTRUCTURE` (attach, base, checks, reference, registry); importing the package
-imports them all (`registry.discover`). Methods elsewhere: `methods.import_module("my_package.my_method")` (a run's
-`method.module`) or the `peftbench.methods` entry-point group (docs/adding-a-method.md). `python -m methods check
-<module or name>` runs the property checks (`methods.checks`) on them.
+starting with "_" and `registry.INFRASTRUCTURE` (the contract `base`, its helpers `errors`, `hparams`, `linalg`,
+`kernels`, `batching`, `cost`, the machinery `registry`, `attach`, `optim`, the property checks `checks` and the
+peft reference `reference`); importing the package imports them all (`registry.discover`). Methods elsewhere:
+`methods.import_module("my_package.my_method")` (a run's `method.module`) or the `peftbench.methods` entry-point
+group (docs/adding-a-method.md). `python -m methods check <module or name>` runs the property checks
+(`methods.checks`) on them.
 """
 
 from methods.attach import (
@@ -17,13 +19,14 @@ from methods.attach import (
     detach,
     load,
     merge,
-    optimizer,
     save,
     summary,
     trainable_parameters,
 )
 from methods.base import Adapter, LayerShape
-from methods.registry import MethodError, available, create, discover, import_module, register
+from methods.errors import MethodError
+from methods.optim import optimizer
+from methods.registry import available, create, discover, import_module, register
 
 discover()  # every method module of this package registers its methods
 

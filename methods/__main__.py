@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from methods import checks
-    from methods.registry import MethodError, available, method_class
+    from methods.errors import MethodError
+    from methods.registry import available, method_class
 
     if args.command == "list":
         for name in available():

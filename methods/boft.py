@@ -28,20 +28,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from methods.base import (
-    Adapter,
-    LayerShape,
-    cayley,
-    divisors,
-    narrow,
-    positive_int,
-    rotate_blocks,
-    rotated_linear,
-    skew,
-    stack,
-    stack_constant,
-)
-from methods.registry import fail, register
+from methods.base import Adapter, LayerShape
+from methods.batching import stack, stack_constant
+from methods.cost import narrow
+from methods.errors import fail
+from methods.hparams import divisors, positive_int
+from methods.kernels import rotated_linear
+from methods.linalg import cayley, rotate_blocks, skew
+from methods.registry import register
 
 
 def butterfly_permutation(d: int, b: int, i: int) -> torch.Tensor:

@@ -30,9 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.attach import adapters, attach, detach, load, merge, optimizer, save, summary, trainable_parameters
+from methods.attach import adapters, attach, detach, load, merge, save, summary, trainable_parameters
 from methods.base import Adapter
-from methods.registry import MethodError, available, create, full_hparams, method_class
+from methods.errors import MethodError
+from methods.optim import optimizer
+from methods.registry import available, create, full_hparams, method_class
 
 TOLERANCE = 1e-5
 # (layer factory, input factory): d_in ≠ d_out both ways, a bias or not, and a Conv2d whose flattened kernel has

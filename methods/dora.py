@@ -13,7 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from methods.base import NARROW, LayerShape, low_rank_linear, stack
+from methods.base import LayerShape
+from methods.batching import stack
+from methods.cost import NARROW
+from methods.kernels import low_rank_linear
 from methods.lora import LoRA
 from methods.registry import register
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from methods.base import Adapter, LayerShape, stack, stack_constant
+from methods.base import Adapter, LayerShape
+from methods.batching import stack, stack_constant
 from methods.registry import register
 
 

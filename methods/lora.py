@@ -15,8 +15,13 @@ import math
 import torch
 from torch import nn
 
-from methods.base import Adapter, LayerShape, low_rank_linear, positive_int, skinny, stack, stack_constant
-from methods.registry import fail, register
+from methods.base import Adapter, LayerShape
+from methods.batching import stack, stack_constant
+from methods.cost import skinny
+from methods.errors import fail
+from methods.hparams import positive_int
+from methods.kernels import low_rank_linear
+from methods.registry import register
 
 
 @register("lora")

@@ -27,17 +27,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from methods.base import (
-    Adapter,
-    LayerShape,
-    aligned_block_options,
-    block_size_of,
-    channel_block_size,
-    cayley,
-    skew,
-    stack,
-    stack_constant,
-)
+from methods.base import Adapter, LayerShape
+from methods.batching import stack, stack_constant
+from methods.hparams import aligned_block_options, aligned_block_size
+from methods.linalg import cayley, skew
 from methods.registry import register
 
 BOOSTS: dict[str, type[nn.Module]] = {}
@@ -137,7 +130,7 @@ class Mobius(Adapter):
 
     @classmethod
     def resolve(cls, shape: LayerShape, hp: dict) -> dict:
-        b = channel_block_size(hp, shape) or block_size_of(hp, shape)
+        b = aligned_block_size(hp, shape)
         return {**hp, "block_size": b, "blocks": shape.d_in // b}
 
     @classmethod

@@ -29,22 +29,14 @@ import math
 import torch
 from torch import nn
 
-from methods.base import (
-    Adapter,
-    LayerShape,
-    aligned_block_options,
-    block_size_of,
-    channel_block_size,
-    cayley,
-    narrow,
-    positive_int,
-    rotate_blocks,
-    rotated_linear,
-    skew,
-    stack,
-    stack_constant,
-)
-from methods.registry import fail, register
+from methods.base import Adapter, LayerShape
+from methods.batching import stack, stack_constant
+from methods.cost import narrow
+from methods.errors import fail
+from methods.hparams import aligned_block_options, aligned_block_size, positive_int
+from methods.kernels import rotated_linear
+from methods.linalg import cayley, rotate_blocks, skew
+from methods.registry import register
 
 
 @register("oft")
@@ -72,7 +64,7 @@ class OFT(Adapter):
 
     @classmethod
     def resolve(cls, shape: LayerShape, hp: dict) -> dict:
-        b = channel_block_size(hp, shape) or block_size_of(hp, shape)
+        b = aligned_block_size(hp, shape)
         if hp["cayley"] not in ("exact", "neumann"):
             raise fail("cayley", hp["cayley"], "is not a Cayley form", shape.name, ["exact", "neumann"])
         positive_int("neumann_terms", hp["neumann_terms"], shape)

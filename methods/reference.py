@@ -38,8 +38,8 @@ from peft import (
 from torch import nn
 
 import methods
-from methods.base import skew
-from methods.registry import MethodError, fail
+from methods.errors import MethodError, fail
+from methods.linalg import skew
 
 METHODS = ("lora", "dora", "oft", "boft")
 

@@ -11,8 +11,8 @@ Where methods come from (docs/adding-a-method.md):
    (or the first lookup of a name not registered yet): `name = "my_package.my_method"` (a module that registers
    itself) or `name = "my_package.my_method:MyMethod"` (an Adapter class, registered as `name` if it is not yet).
 
-Every hyper-parameter problem raises `MethodError` (a `ValueError`) with a one-line message naming the field,
-the layer and the allowed values, so that a bad sweep entry fails at once and says what to change.
+Every hyper-parameter problem raises `MethodError` (a `ValueError`, `methods.errors`) with a one-line message
+naming the field, the layer and the allowed values, so that a bad sweep entry fails at once and says what to change.
 """
 
 from __future__ import annotations
@@ -22,39 +22,19 @@ import pkgutil
 import warnings
 from collections.abc import Mapping, Sequence
 from importlib import metadata
-from typing import TYPE_CHECKING
 
 from torch import nn
 
-if TYPE_CHECKING:
-    from methods.base import Adapter
+from methods.base import Adapter, LayerShape
+from methods.errors import MethodError, fail
 
 _REGISTRY: dict[str, type[Adapter]] = {}
-# modules of the methods package that are not methods (the machinery, the property checks, the peft reference)
-INFRASTRUCTURE = frozenset({"attach", "base", "checks", "reference", "registry"})
+# modules of the methods package that are not methods: the contract (base), its helpers (errors, hparams, linalg,
+# kernels, batching, cost), the machinery (registry, attach, optim), the property checks and the peft reference
+INFRASTRUCTURE = frozenset({"attach", "base", "batching", "checks", "cost", "errors", "hparams", "kernels", "linalg",
+                            "optim", "reference", "registry"})
 ENTRY_POINT_GROUP = "peftbench.methods"
 _entry_points_loaded = False
-
-
-class MethodError(ValueError):
-    """A bad method name, hyper-parameter, target or budget. The message is one line."""
-
-
-def fmt(value) -> str:
-    """A value as it reads in an error message and in a yaml file."""
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(fmt(v) for v in value) + "]"
-    return str(value)
-
-
-def fail(field: str, value, problem: str, layer: str, allowed) -> MethodError:
-    """`method.<field>: <value> <problem> of <layer> (allowed: <allowed>)`, ready to raise."""
-    if not isinstance(allowed, str):
-        allowed = ", ".join(fmt(a) for a in allowed)
-    where = f" of {layer}" if layer else ""
-    return MethodError(f"method.{field}: {fmt(value)} {problem}{where} (allowed: {allowed})")
 
 
 def _where(cls) -> str:
@@ -120,8 +100,6 @@ def load_entry_points(force: bool = False) -> list[str]:
         return []
     _entry_points_loaded = True
     before = set(_REGISTRY)
-    from methods.base import Adapter
-
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             loaded = ep.load()
@@ -206,8 +184,6 @@ def check_kind(cls: type[Adapter], shape) -> None:
 
 def create(name: str, layer: nn.Module, *, variant: str | None = None, layer_name: str = "", **hparams) -> Adapter:
     """An adapter module that replaces `layer` (nn.Linear or nn.Conv2d), exactly the identity at initialisation."""
-    from methods.base import LayerShape
-
     cls = method_class(name)
     variant = resolve_variant(cls, variant)
     shape = LayerShape.of(layer, layer_name)

@@ -28,8 +28,12 @@ import geoopt
 import torch
 from torch import nn
 
-from methods.base import NARROW, LayerShape, divisors, narrow, stack, stack_constant
-from methods.registry import fail, register
+from methods.base import LayerShape
+from methods.batching import stack, stack_constant
+from methods.cost import NARROW, narrow
+from methods.errors import fail
+from methods.hparams import divisors
+from methods.registry import register
 from methods.svd_scaling import SpectralShift
 
 PAPER_FACTORS = {640: [8, 8, 10], 768: [6, 8, 16], 1280: [4, 16, 20], 2048: [4, 8, 64]}

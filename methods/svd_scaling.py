@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from methods.base import Adapter, LayerShape, narrow, stack, stack_constant
+from methods.base import Adapter, LayerShape
+from methods.batching import stack, stack_constant
+from methods.cost import narrow
 from methods.registry import register
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import methods
 from methods import checks
-from methods.base import cayley, skew
+from methods.linalg import cayley, skew
 from methods.boft import butterfly_permutation
 from methods.soda import default_factors, kron_apply
 
