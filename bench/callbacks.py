@@ -19,7 +19,7 @@ import results
 from results.record import RecordError
 
 from . import tune
-from .run import SWEEP_MANIFEST
+from .faults import SWEEP_MANIFEST
 
 
 class Leaderboard(Callback):

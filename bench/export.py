@@ -16,7 +16,7 @@ record's `model.path`, the adapter from `adapter/` (peftbench's own format, `met
   also carries its pipeline module, `bench/micro_pipeline.py`: `DiffusionPipeline.from_pretrained(OUT,
   trust_remote_code=True)`), and `model.path=OUT` for peftbench itself.
 
-Every successful run also writes these itself, beside its adapter (`write_formats`, called by bench/run.py):
+Every successful run also writes these itself, beside its adapter (`write_formats`, called by bench/method.py):
 `adapter/peft/` and, for LoRA/DoRA, `adapter/diffusers/`; where peft's semantics differ it writes
 `adapter/merged/merged_layers.safetensors` instead (the adapted layers' merged weights under the UNet's own
 state-dict names: `unet.load_state_dict(safetensors.torch.load_file(path), strict=False)`), says why in the run

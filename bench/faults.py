@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import contextlib
-import datetime
 import logging
 import os
 import signal
@@ -40,10 +39,6 @@ class Interrupted(BaseException):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def reason(e: BaseException) -> str:
@@ -97,19 +92,6 @@ def install_signal_handlers() -> None:
             signal.signal(signum, handler)
 
 
-def stub_record(run_id: str, unit_config: dict, config_hash: str, cfg, task, unit: str) -> dict:
-    """The smallest valid record of a unit (a failure before its full record existed)."""
-    return {
-        "schema": records.SCHEMA_VERSION,
-        "run": {"id": run_id, "status": "running", "error": None, "config": unit_config, "config_hash": config_hash,
-                "seed": cfg.seed, "sweep": cfg.sweep_name, "created_at": now(), "finished_at": None,
-                "wall_seconds": None},
-        "task": {"name": task.name, "dataset": getattr(task, "dataset", None), "subject": unit,
-                 "model": cfg.model.name},
-        "method": {"name": cfg.method.name},
-    }
-
-
 def previous_record(path: Path) -> dict | None:
     """The record already at `path`, or None; an unreadable one (corrupt, truncated) is reported in one line and
     treated as absent, so the unit is redone. Stale temporary files of a killed write are removed."""
@@ -137,7 +119,7 @@ def settle(path: Path, stub: dict, status: str, error: str) -> None:
         return
     record = current if same and current["run"]["status"] == "running" else dict(stub)
     record.pop("_path", None)
-    record["run"] = {**record["run"], "status": status, "error": error, "finished_at": now()}
+    record["run"] = {**record["run"], "status": status, "error": error, "finished_at": records.now()}
     try:
         records.write_record(path.parent, record)
     except Exception as e:  # noqa: BLE001 - the disk refused: say so, keep going

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .device import autocast
 from .models import Diffusion, Prompts
 
 log = logging.getLogger(__name__)
@@ -107,8 +108,6 @@ def finetune(
     raises Diverged on a non-finite loss."""
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    device_type = model.device.type
     losses = []
     model.unet.train()
     t0 = time.perf_counter()
@@ -120,7 +119,7 @@ def finetune(
         if prior is not None:
             batch = Examples.cat([batch, prior.draw(rng, batch_size)])
             weights = torch.cat([weights, torch.full((batch_size,), prior_weight / batch_size)])
-        with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(model.device, precision):
             loss = _noise_loss(model, batch, weights, encoder, gen)
         value = loss.item()
         if not math.isfinite(value):

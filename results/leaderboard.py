@@ -654,7 +654,8 @@ def notes(board: pd.DataFrame) -> list[str]:
     if reference:
         lines.append(f"Δ vs {reference}: paired over the same (unit, seed), mean of the per-unit differences "
                      f"[{level:.0%} CI]; p: two-sided sign-flip test over units, Holm-adjusted within each metric "
-                     f"(up to {board.attrs['comparisons']} comparisons with {reference}, the ranks' family).")
+                     f"(up to {board.attrs['comparisons']} comparison{'s' * (board.attrs['comparisons'] != 1)} with "
+                     f"{reference}, the ranks' family).")
     else:
         lines.append("No reference method (no lora runs, or --no-reference): no Δ or p columns.")
     lines.append(TIED)

@@ -28,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
@@ -110,6 +112,46 @@ def _gpu_name() -> str | None:
         return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except Exception:  # results must work without torch, or with a broken CUDA setup
         return None
+
+
+def now() -> str:
+    """The current UTC time as records write it (ISO 8601, seconds)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class RunPart:
+    """`run`: which run this is and under which config (the status fields are the record's life, set here)."""
+    id: str
+    config: dict
+    config_hash: str
+    seed: int
+    sweep: str | None
+
+
+@dataclass
+class TaskPart:
+    """`task`: the task, its dataset, the unit (subject) and the model."""
+    name: str
+    dataset: str | None
+    subject: str
+    model: str
+
+
+def new_record(run: RunPart, task: TaskPart, method: dict, baseline: dict | None = None,
+               meta: dict | None = None) -> dict:
+    """A unit's record at its start (status `running`): the parts every record has, plus `baseline` (the base
+    model's metrics) and `meta` (environment, fingerprints) once the runner knows them. `method` is the registry's
+    summary with the lr used; a stub (a unit that failed before attaching) has only its name."""
+    record = {"schema": SCHEMA_VERSION,
+              "run": {**asdict(run), "status": "running", "error": None, "created_at": now(), "finished_at": None,
+                      "wall_seconds": None},
+              "task": asdict(task), "method": method}
+    if baseline is not None:
+        record["baseline"] = {"metrics": baseline}
+    if meta is not None:
+        record["meta"] = meta
+    return record
 
 
 def validate(record: dict) -> None:

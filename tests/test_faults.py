@@ -24,22 +24,9 @@ from tiny_models import save_dreambench, save_tiny_clip, save_tiny_dino, save_ti
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "2"}
 
 
-class Task:
-    name, dataset = "dreambooth", "micro"
-
-
-class Cfg:
-    seed, sweep_name = 0, "s"
-
-    class model:
-        name = "micro"
-
-    class method:
-        name = "lora"
-
-
 def stub(config_hash="h1"):
-    return faults.stub_record(f"lora-u-s0-{config_hash}", {"unit": "u"}, config_hash, Cfg, Task, "u")
+    run = records.RunPart(f"lora-u-s0-{config_hash}", {"unit": "u"}, config_hash, 0, "s")
+    return records.new_record(run, records.TaskPart("dreambooth", "micro", "u", "micro"), {"name": "lora"})
 
 
 def read(path: Path) -> dict:

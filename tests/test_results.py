@@ -459,7 +459,7 @@ def test_cli_validity(tmp_path, capsys):
 def test_sweep_end_prints_the_board(tmp_path, monkeypatch, capsys):
     """bench's Hydra callback: the same Markdown board, also with a single method."""
     callbacks = pytest.importorskip("bench.callbacks")
-    from bench.run import SWEEP_MANIFEST
+    from bench.faults import SWEEP_MANIFEST
 
     paths = [write_run(tmp_path / "multirun", r) / "record.json"
              for r in simulated_sweep({"oft": 0.0}, units=2, seeds=2, budget=4096)]
