@@ -1,31 +1,60 @@
-"""The Hydra app's surface: help, composed config, and one-line errors with exit status 2."""
+"""The Hydra app's surface: help, composed config, and one-line errors with exit status 2.
+
+In this process: the command line through `bench.__main__.cli` (help, `--cfg` and bad input never start a job),
+Hydra's compose API, and `bench.run.run_job(cfg, job_dir)`. One end-to-end test starts `python -m bench` as a user
+does (slow): the exit status and stderr of a real process, import-time warnings included.
+"""
 
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_class
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+from bench import CONF, faults
+from bench import __main__ as app
+from bench.run import run_job
+from bench.validate import UsageError
 
 
-def bench(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, env=ENV,
-                          cwd=cwd, timeout=300)
+@pytest.fixture
+def bench(monkeypatch, capsys, tmp_path):
+    """`python -m bench ARGS` in this process, from an empty working folder: (exit status, stdout, stderr)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(faults, "TOUCHED", [])  # the outcome of this command only, not of earlier in-process runs
+    monkeypatch.setattr(app, "JOB_FAILURES", [])
+    monkeypatch.setenv("PYTHONWARNINGS", os.environ.get("PYTHONWARNINGS", ""))  # cli() extends it; restored after
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["peftbench", *args])
+        with pytest.raises(SystemExit) as done:
+            app.cli()
+        out = capsys.readouterr()
+        return done.value.code, out.out, out.err
+
+    return run
 
 
-def test_help_lists_the_config_groups():
-    out = bench("--help")
-    assert out.returncode == 0
+def config(*overrides: str, hydra: bool = False):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def test_help_lists_the_config_groups(bench):
+    status, out, _ = bench("--help")
+    assert status == 0 and out.startswith("peftbench (python -m bench)")
     for group in ("method", "task", "model", "logger", "experiment"):
-        assert f"{group}:" in out.stdout
+        assert f"{group}:" in out
+    assert "lora" in out and "dreambooth" in out  # each group's options
 
 
-def test_cfg_job_prints_the_composed_config():
-    out = bench("--cfg", "job", "method=oft", "task=dreambooth")
-    assert out.returncode == 0, out.stderr
-    assert "name: oft" in out.stdout and "name: dreambooth" in out.stdout and "name: micro" in out.stdout
+def test_cfg_job_prints_the_composed_config(bench):
+    status, out, err = bench("--cfg", "job", "method=oft", "task=dreambooth")
+    assert status == 0, err
+    assert "name: oft" in out and "name: dreambooth" in out and "name: micro" in out
+    assert "name: lora" not in out  # the override replaced the default method
 
 
 @pytest.mark.parametrize("args, field", [
@@ -34,60 +63,78 @@ def test_cfg_job_prints_the_composed_config():
     (["task=nope"], "task"),
     (["model=sd99"], "model"),
 ])
-def test_unknown_group_option_is_one_line_exit_2(args, field, tmp_path):
-    out = bench(*args, cwd=tmp_path)
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
+def test_unknown_group_option_is_one_line_exit_2(bench, args, field, tmp_path):
+    status, out, err = bench(*args)
+    assert status == 2 and out == ""
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {field}: unknown option") and "available:" in lines[0]
     assert not any(tmp_path.iterdir())  # nothing written
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["method=oft", "method.budget=null", "method.hparams.blocks=7"], "blocks"),
-    (["method=lora", "method.budget=null", "method.hparams.rank=0"], "rank"),
-    (["method=lora", "method.budget=1000"], "budget"),
+BAD_INPUT = [
+    (["method=oft", "method.budget=null", "method.hparams.blocks=7"], "method.hparams.blocks"),
+    (["method=lora", "method.budget=null", "method.hparams.rank=0"], "method.hparams.rank"),
+    (["method=lora", "method.budget=1000"], "method.budget"),
     (["task.subjects=[nosuch]"], "task.subjects"),
     (["model.path=/does/not/exist"], "model.path"),
     (["task.root=/does/not/exist"], "task.root"),
-])
-def test_bad_input_is_one_line_exit_2_and_nothing_written(args, needle, tmp_path):
-    out = bench("experiment=smoke", *args, f"cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run",
-                cwd=tmp_path)
-    assert out.returncode == 2, out.stderr[-2000:]
-    last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and needle in last, out.stderr[-2000:]
-    assert "Traceback" not in out.stderr
-    assert not (tmp_path / "run").exists()
+]
+
+
+@pytest.mark.parametrize("args, field", BAD_INPUT)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(bench, args, field, tmp_path):
+    status, _, err = bench("experiment=smoke", *args, f"cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run")
+    assert status == 2, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {field}: "), err[-2000:]
+    assert not any(tmp_path.iterdir())  # no run directory, no cache
+
+
+@pytest.mark.parametrize("args, field", BAD_INPUT)
+def test_run_job_refuses_bad_input_before_it_writes(args, field, tmp_path):
+    """What a launcher's job meets when no command line checked it first (another sweeper, an API caller)."""
+    cfg = config("experiment=smoke", *args, f"cache_dir={tmp_path}/cache")
+    with pytest.raises(UsageError, match=rf"^{field}: "):
+        run_job(cfg, job_dir=tmp_path / "job")
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("model, budget", [("micro", 135000), ("sd15", None)])
 def test_the_model_sets_the_targets_and_the_budget_every_method_is_sized_to(model, budget):
     """micro: attention and resnet convolutions, every method sized to one budget; SD: attention, yaml sizes."""
-    from hydra import compose, initialize_config_dir
-
     import methods
+    from bench.method import for_config
     from bench.models.micro import build_unet
-    from bench.run import attach_method
 
-    with initialize_config_dir(str(Path(__file__).parents[1] / "conf"), version_base=None):
-        yamls = {p.stem for p in (Path(__file__).parents[1] / "conf" / "method").glob("*.yaml")}
-        for name in sorted(set(methods.available()) & yamls):
-            cfg = compose("config", [f"method={name}", f"model={model}"])
-            assert cfg.method.budget == budget
-            info = attach_method(cfg, build_unet())
-            convs = [n for n in info["layers"] if n.endswith(("conv1", "conv2"))]
-            assert bool(convs) == (model == "micro") and any(n.endswith("to_q") for n in info["layers"])
-            if budget and info.get("sizing") == "budget":  # sized to the budget, within ±10% (methods.attach)
-                assert 0.9 * budget <= info["trainable_params"] <= 1.1 * budget, (name, info["trainable_params"])
-            elif budget and info.get("sizing") == "fixed":  # the fixed-size methods sit below any budget
-                assert info["trainable_params"] < 0.9 * budget and name in ("soda", "svd_scaling"), name
-            elif budget:  # the full fine-tuning reference ignores the budget
-                assert info.get("sizing") == "budget ignored" and name == "full", name
+    yamls = {p.stem for p in (CONF / "method").glob("*.yaml")}
+    for name in sorted(set(methods.available()) & yamls):
+        cfg = config(f"method={name}", f"model={model}")
+        assert cfg.method.budget == budget
+        info = for_config(cfg).attach(build_unet())
+        convs = [n for n in info["layers"] if n.endswith(("conv1", "conv2"))]
+        assert bool(convs) == (model == "micro") and any(n.endswith("to_q") for n in info["layers"])
+        if budget and info.get("sizing") == "budget":  # sized to the budget, within ±10% (methods.attach)
+            assert 0.9 * budget <= info["trainable_params"] <= 1.1 * budget, (name, info["trainable_params"])
+        elif budget and info.get("sizing") == "fixed":  # the fixed-size methods sit below any budget
+            assert info["trainable_params"] < 0.9 * budget and name in ("soda", "svd_scaling"), name
+        elif budget:  # the full fine-tuning reference ignores the budget
+            assert info.get("sizing") == "budget ignored" and name == "full", name
 
 
 def test_slurm_launcher_config_composes():
-    out = bench("--cfg", "hydra", "hydra/launcher=slurm", "hydra.launcher.partition=gpu")
-    assert out.returncode == 0, out.stderr
-    assert "submitit_plugin.hydra_plugins.submitit_launcher.submitit_launcher.SlurmLauncher" in out.stdout.replace(
-        "\n", "") or "SlurmLauncher" in out.stdout
-    assert "partition: gpu" in out.stdout and "gpus_per_node: 1" in out.stdout
+    launcher = config("hydra/launcher=slurm", "hydra.launcher.partition=gpu", hydra=True).hydra.launcher
+    assert get_class(launcher._target_).__name__ == "SlurmLauncher"  # the submitit plugin is installed and named
+    assert launcher.partition == "gpu" and launcher.gpus_per_node == 1
+
+
+@pytest.mark.slow
+def test_python_m_bench_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path):
+    """End to end, as a user types it: a budget below the method's smallest size."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-m", "bench", "experiment=smoke", "method=lora", "method.budget=1000",
+                          f"cache_dir={tmp_path}/cache"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: method.budget: "), out.stderr[-2000:]
+    assert out.stdout == "" and not any(tmp_path.iterdir())
