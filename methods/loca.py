@@ -9,8 +9,10 @@ locations l_k = (u_k, v_k). a = 0 at init (the authors' code), so W' = W. Writte
 
     ΔW = α Σ_k a_k c_{u_k} d_{v_k}ᵀ = α (C[u]ᵀ diag(a)) D[v]          (c_u, d_v: rows of C, D)
 
-a sum of n cosine outer products: the forward pass computes it that way (the rank-n product on the input side
-x ↦ α ((x D[v]ᵀ) ⊙ a) C[u], or the weight (C[u]ᵀ ⊙ a) D[v]); `reference_weight` is the dense iDCT of S.
+a sum of n cosine outer products. `reference_weight` is the dense inverse DCT of S; the weight side scatters the
+n rows a_k D[v_k] into S D and applies Cᵀ (n·d_in + d_out²·d_in multiply-adds, against n·d_out·d_in for the sum);
+the input side of a Linear takes the DCT of x, picks its n entries, scales them by a, scatters them to their
+output frequencies and applies the inverse DCT.
 
 *Locations.* n distinct positions of the d_out × d_in spectrum, drawn uniformly at attach (and again at load) from
 a generator seeded with `seed`: they are part of the configuration, never stored in the adapter file. The paper
@@ -25,10 +27,10 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from methods.base import Adapter, LayerShape
-from methods.cost import skinny
 from methods.errors import fail
 from methods.hparams import positive_int
 from methods.registry import register
@@ -71,8 +73,9 @@ class LoCA(Adapter):
         self.register_buffer("cols", (flat % shape.d_in).to(device), persistent=False)  # v_k
         self.a = nn.Parameter(torch.zeros(n, device=device))
         self.scale = hp["scale"]
-        self.token_cost = skinny(shape.d_in + shape.d_out, n)
-        self.build_cost = shape.d_out * n * shape.d_in
+        if shape.kind == "linear":  # two DCTs of the activations per token
+            self.token_cost = shape.d_in**2 + shape.d_out**2
+        self.build_cost = n * max(shape.d_in, shape.d_out) + shape.d_out * shape.d_in * min(shape.d_in, shape.d_out)
 
     @classmethod
     def resolve(cls, shape: LayerShape, hp: dict) -> dict:
@@ -93,25 +96,32 @@ class LoCA(Adapter):
     def budget_options(cls, shapes: list[LayerShape], hp: dict) -> list[dict]:
         return [{"coefficients": n} for n in geometric_sizes(min(s.d_out * s.d_in for s in shapes))]
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(α C[u]ᵀ diag(a), D[v]): ΔW is their product, d_out × n times n × d_in."""
-        c = dct_matrix(self.shape.d_out, self.a.device, self.a.dtype)
-        d = dct_matrix(self.shape.d_in, self.a.device, self.a.dtype)
-        return self.scale * c[self.rows].T * self.a, d[self.cols]
+    def dcts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C, D): the DCT-II matrices of the output and input widths."""
+        return (dct_matrix(self.shape.d_out, self.a.device, self.a.dtype),
+                dct_matrix(self.shape.d_in, self.a.device, self.a.dtype))
 
     def reference_weight(self) -> torch.Tensor:
         """W + α Cᵀ S(a, l) D, the dense inverse DCT of the sparse spectrum."""
+        c, d = self.dcts()
         s = torch.zeros(self.shape.d_out, self.shape.d_in, device=self.a.device, dtype=self.a.dtype)
         s = s.index_put((self.rows, self.cols), self.a)
-        c = dct_matrix(self.shape.d_out, self.a.device, self.a.dtype)
-        d = dct_matrix(self.shape.d_in, self.a.device, self.a.dtype)
         return self.frozen_weight() + self.scale * c.T @ s @ d
 
     def adapted_weight(self) -> torch.Tensor:
-        """W + (α C[u]ᵀ diag(a)) D[v]."""
-        left, right = self.factors()
-        return torch.addmm(self.frozen_weight(), left, right)
+        """The same product, its sparse factor applied by scattering rows: Cᵀ (S D) with S D's row u_k += a_k D[v_k]
+        (n·d_in, then d_out²·d_in), or (Cᵀ S) D by columns where d_in < d_out."""
+        c, d = self.dcts()
+        a = self.scale * self.a
+        empty = torch.zeros(self.shape.d_out, self.shape.d_in, device=a.device, dtype=a.dtype)
+        if self.shape.d_out <= self.shape.d_in:
+            return self.frozen_weight() + c.T @ empty.index_add(0, self.rows, d[self.cols] * a[:, None])
+        return self.frozen_weight() + empty.index_add(1, self.cols, c[self.rows].T * a) @ d
 
     def forward_input(self, x: torch.Tensor) -> torch.Tensor:
-        left, right = self.factors()
-        return self.base(x) + self.low_rank(x, right, left)
+        """W x + α Cᵀ S D x on a Linear's activations: the DCT of x, its n selected entries times a, scattered to
+        their output frequencies, the inverse DCT."""
+        c, d = (m.to(x.dtype) for m in self.dcts())
+        picked = F.linear(x, d)[..., self.cols] * (self.scale * self.a).to(x.dtype)
+        spectrum = x.new_zeros(*x.shape[:-1], self.shape.d_out).index_add(x.dim() - 1, self.rows, picked)
+        return self.base(x) + F.linear(spectrum, c.T)
