@@ -1,12 +1,14 @@
 """The command line as its ecosystem expects it: a `peftbench` console script, the job name, progress and loss."""
 
+import importlib
 import logging
 import os
-import subprocess
+import runpy
 import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -15,23 +17,36 @@ from bench.sample import generate
 from bench.train import LOSS_WINDOW, encode_examples, finetune, running_mean
 
 ROOT = Path(__file__).parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
 
 
-def test_the_console_script_is_the_python_m_bench_program():
+def test_the_console_script_is_the_python_m_bench_program(monkeypatch, capsys):
+    """`peftbench` (pyproject's entry point) and `python -m bench` (the package's __main__, run as runpy runs it)
+    print the same config and refuse the same bad input; in this process, as neither starts a job."""
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["peftbench"] == "bench.__main__:cli"
-    as_script = "import sys; from bench.__main__ import cli; sys.argv = ['peftbench', *sys.argv[1:]]; cli()"
-    args = ["--cfg", "job", "method=oft"]
-    script = subprocess.run([sys.executable, "-c", as_script, *args], capture_output=True, text=True, env=ENV,
-                            cwd=ROOT.parent)
-    module = subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, env=ENV,
-                            cwd=ROOT.parent)
-    assert script.returncode == module.returncode == 0, script.stderr[-2000:]
-    assert script.stdout == module.stdout and "name: oft" in script.stdout
-    bad = subprocess.run([sys.executable, "-c", as_script, "method=nope"], capture_output=True, text=True, env=ENV,
-                         cwd=ROOT.parent)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: method: unknown option 'nope'")
+    module, _, function = scripts["peftbench"].partition(":")
+    entry_point = getattr(importlib.import_module(module), function)
+
+    def python_m_bench():
+        monkeypatch.delitem(sys.modules, "bench.__main__", raising=False)  # as a fresh `python -m`: not imported yet
+        runpy.run_module("bench", run_name="__main__", alter_sys=True)
+
+    programs = {"peftbench": entry_point, "python -m bench": python_m_bench}
+    monkeypatch.chdir(ROOT.parent)
+    monkeypatch.setenv("PYTHONWARNINGS", os.environ.get("PYTHONWARNINGS", ""))  # cli() extends it
+
+    def run(program, *args):
+        monkeypatch.setattr(sys, "argv", [program, *args])
+        with pytest.raises(SystemExit) as done:
+            programs[program]()
+        out = capsys.readouterr()
+        return done.value.code, out.out, out.err
+
+    script, module = (run(program, "--cfg", "job", "method=oft") for program in programs)
+    assert script[0] == module[0] == 0, script[2][-2000:]
+    assert script[1] == module[1] and "name: oft" in script[1]
+    for program in programs:
+        status, _, err = run(program, "method=nope")
+        assert status == 2 and err.strip().startswith("error: method: unknown option 'nope'")
 
 
 def test_the_job_is_named_peftbench_not_main():
