@@ -1,17 +1,18 @@
 """NOLA — Koohpayegani et al., "NOLA: Compressing LoRA using Linear Combination of Random Basis", ICLR 2024
 (arXiv:2310.02556):
 
-    W' = W + (α / r) · B A,    A = A₀ + Σ_{i=1}^{k} α_i A_i,    B = Σ_{j=1}^{k} β_j B_j
+    W' = W + s · B A,    A = A₀ + Σ_{i=1}^{k} α_i A_i,    B = Σ_{j=1}^{k} β_j B_j,    s = alpha / r
 
 A_i ∈ R^{r×d_in} and B_j ∈ R^{d_out×r} are frozen random bases, entries U(−1, 1)/√k, drawn from a generator
 seeded with `seed` whenever the adapter is built (so an adapter file holds the 2k coefficients and nothing else;
-the seed is in its configuration). Only α, β ∈ R^k are trained. β = 0 at init, so W' = W.
+the seed is in its configuration). Only the coefficients α, β ∈ R^k are trained; β = 0 at init, so W' = W.
+`alpha` is LoRA's scale numerator (the authors' `lora_alpha`), not the coefficients α_i.
 
 *The offset A₀ (`offset`).* The paper writes A = Σ α_i A_i; the authors' code (UCDvision/NOLA, gpt/src/model_nola.py:
 `NOLALinear` adds the generated matrix to its own frozen weight) also keeps LoRA's frozen Kaiming-uniform A₀ and
 starts α = β = 0. That is the default (`offset: true`). With `offset: false` there is no A₀ and α is drawn
-U(−b, b), b = √(3/d_in), which gives A's entries Kaiming-uniform's variance 1/(3 d_in): with α = 0 too, A = B = 0
-and neither would get a gradient. Either way both factors are formed from the bases and ΔW has rank ≤ r.
+U(−b, b), b = √(3/d_in), which gives A's entries Kaiming-uniform's variance 1/(3 d_in) (with α = 0 too, A = B = 0
+and neither factor would get a gradient). Either way ΔW has rank ≤ r.
 
 Trainable per layer: 2k (the same k for A and B). Frozen memory: k r (d_in + d_out) basis numbers per layer.
 On a Conv2d, A acts on the flattened kernel (d_in = c_in·k·k): a convolution with the layer's kernel, B a 1×1.
@@ -99,7 +100,7 @@ class NOLA(Adapter):
         return a, b
 
     def reference_weight(self) -> torch.Tensor:
-        """W + (α/r) (Σ β_j B_j)(A₀ + Σ α_i A_i), the sums written out."""
+        """W + s (Σ β_j B_j)(A₀ + Σ α_i A_i), the sums written out."""
         a = self.A0 + torch.einsum("i,ird->rd", self.alpha, self.A_bases)
         b = torch.einsum("j,jor->or", self.beta, self.B_bases)
         return self.frozen_weight() + self.scale * b @ a
