@@ -395,7 +395,7 @@ class PeftFourierFT(CuratedPeft):
     sized_by = ("n_frequency",)
     kinds = ("linear",)
     identity_at_init = False  # the paper's (and peft's default) init: the spectrum's entries drawn N(0, 1)
-    examples = {"default": {"n_frequency": 20}}
+    examples = {"default": {"n_frequency": 20, "scaling": 15.0}}  # the checks' tolerance is absolute: small ΔW
 
 
 @register("peft_delora")
@@ -417,4 +417,4 @@ class PeftRandLoRA(CuratedPeft):
     defaults = curated("RANDLORA")
     sized_by = ("r",)
     kinds = ("linear",)
-    examples = {"default": {"r": 2}}
+    examples = {"default": {"r": 2, "randlora_alpha": 4}}  # the checks' tolerance is absolute: small ΔW
