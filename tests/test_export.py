@@ -290,9 +290,15 @@ def test_export_refuses_a_run_without_adapter_and_a_full_out_folder(micro, tmp_p
     (tmp_path / "busy" / "x").write_text("")
     assert export.main([str(full), "--to", "peft", str(tmp_path / "busy")]) == 2
     assert "exists and is not an empty folder" in capsys.readouterr().err
+    nothing = tmp_path / "nothing"
+    assert export.main([str(nothing), "--to", "merged", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: RUN_DIR: {nothing} is not a directory (one unit's run directory: record.json + adapter/)"]
 
 
+@pytest.mark.slow
 def test_the_command_line_exits_2_in_one_line(tmp_path):
+    """End to end: a fresh process prints the one line and nothing else (no import-time warnings)."""
     proc = subprocess.run([sys.executable, "-m", "bench.export", str(tmp_path / "nothing"), "--to", "merged",
                            str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
