@@ -10,3 +10,7 @@ _HERE = Path(__file__).resolve().parent
 CONF = _HERE / "conf" if (_HERE / "conf" / "config.yaml").is_file() else _HERE.parent / "conf"
 # `${conf_path:tuned/x.yaml}`: a file of the config tree, wherever the package is installed
 OmegaConf.register_new_resolver("conf_path", lambda relative: str(CONF / relative), replace=True)
+
+from . import schema  # noqa: E402 - the typed config schemas go into Hydra's ConfigStore before any composition
+
+schema.register()

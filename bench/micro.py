@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import logging
 import signal
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from results import record as records
 from tasks.micro import parse, world
 
 from . import models
@@ -134,14 +136,10 @@ def train(args: argparse.Namespace) -> None:
                                "prediction": args.prediction, **scores})
         log.info("step %d, %.1f min: %s", state["step"], state["minutes"], scores)
         state["rng"] = rng.bit_generator.state
-        state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = state_file.with_suffix(".tmp")
-        torch.save(
-            {"unet": unet.state_dict(), "text": text_encoder.state_dict(), "ema_unet": ema_unet.state_dict(),
-             "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "state": state},
-            tmp,
-        )
-        tmp.replace(state_file)
+        buffer = io.BytesIO()
+        torch.save({"unet": unet.state_dict(), "text": text_encoder.state_dict(), "ema_unet": ema_unet.state_dict(),
+                    "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "state": state}, buffer)
+        records.atomic_write(state_file, buffer.getvalue())
         micro.save(args.out, ema_unet, ema_text, tokenizer, scheduler)
         (Path(args.out) / "learning_curve.json").write_text(json.dumps(state["curve"], indent=1))
 

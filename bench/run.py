@@ -219,12 +219,7 @@ def train(job: Job, record: dict, data, prior, requests, drift_requests, baselin
     if encoder is not None:
         record["method"]["extra_trainable"] = {"control_encoder": sum(p.numel() for p in encoder.parameters())}
     instance = encode_examples(model, data.images, data.prompts, data.control)
-    params = methods.trainable_parameters(model.unet)  # none with method=none (the control encoder alone)
-    optimizers = [methods.optimizer(model.unet, lr=cfg.lr, weight_decay=cfg.method.weight_decay)] if params else []
-    if encoder is not None:  # identical for every method: its own AdamW at the task's learning rate
-        encoder.to(model.device)
-        params = params + list(encoder.parameters())
-        optimizers.append(torch.optim.AdamW(encoder.parameters(), lr=cfg.task.control_lr))
+    params, optimizers = make_optimizers(cfg, model, encoder)
     with PeakMemory(model.device) as memory:
         result = finetune(model, instance, prior, optimizers, params, steps=cfg.task.steps,
                           batch_size=cfg.task.batch_size, seed=cfg.seed, grad_clip=cfg.task.grad_clip,
@@ -238,6 +233,20 @@ def train(job: Job, record: dict, data, prior, requests, drift_requests, baselin
     images = images_of(model, requests, cfg, encoder)
     drift_images = images_of(model, drift_requests, cfg) if drift_requests else None
     return images, drift_images, time.perf_counter() - sample_start
+
+
+def make_optimizers(cfg: DictConfig, model, encoder) -> tuple[list, list]:
+    """(trainable parameters, optimisers): the registry's optimiser over the adapter at `cfg.lr` (with the
+    method's `lr_multipliers`), and a control encoder's own AdamW at the task's lr, identical for every method."""
+    params = methods.trainable_parameters(model.unet)  # none with method=none (the control encoder alone)
+    multipliers = OmegaConf.to_container(cfg.method.lr_multipliers) if cfg.method.get("lr_multipliers") else None
+    optimizers = [methods.optimizer(model.unet, lr=cfg.lr, weight_decay=cfg.method.weight_decay,
+                                    lr_multipliers=multipliers)] if params else []
+    if encoder is not None:
+        encoder.to(model.device)
+        params = params + list(encoder.parameters())
+        optimizers.append(torch.optim.AdamW(encoder.parameters(), lr=cfg.task.control_lr))
+    return params, optimizers
 
 
 def evaluate(job: Job, unit: str, record: dict, requests, images, drift_base, drift_images, sample_seconds: float,

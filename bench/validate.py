@@ -13,13 +13,12 @@ Three layers, cheapest first, so that a typo costs no model import:
    `unet/config.json` on the meta device (no weights): a block size that divides no target layer, a budget below
    the smallest size, every hyper-parameter the method itself checks, all without loading the model.
 
-Why a table of rules and not Hydra structured configs (dataclasses): a dataclass schema gives types only (no ranges,
-no cross-field rules, nothing about a method's layers), and its errors are OmegaConf's multi-line messages raised
-during composition, before this code runs, naming `Value 'abc' of type 'str' could not be converted to Integer`
-rather than what is allowed; each method's `hparams` differ, so the schema would need one dataclass per method
-beside the method's own checks; and it would move every yaml's defaults into Python. One table keeps every rule,
-its allowed values and its message in one readable place, and the methods stay the single source of their own
-hyper-parameter rules (layer 3 asks them).
+The typed schemas (bench/schema.py, Hydra structured configs) say which fields each group has and their types;
+a schema gives types only (no ranges, no cross-field rules, nothing about a method's layers), and its errors are
+OmegaConf's multi-line messages raised during composition (`Value 'abc' of type 'str' could not be converted to
+Integer`). So composition errors are caught here and said in the table's words (`_schema_message`), one table keeps
+every range, its allowed values and its message in one readable place, and the methods stay the single source of
+their own hyper-parameter rules (layer 3 asks them; `method.hparams` is open in the schema).
 
 `check_argv(argv)` composes every job of a command line (each point of a `-m` sweep) and checks it before Hydra
 creates any directory; `check(cfg)` checks one composed config (bench.run.run_job calls it too).
@@ -147,6 +146,18 @@ class Names(Rule):
         return None
 
 
+class Factors(Rule):
+    allowed = "+method.lr_multipliers.<role>=<factor> per parameter role (A, B, m, Q, ...), factors >= 0"
+
+    def problem(self, value):
+        if not isinstance(value, (dict, DictConfig)):
+            return f"{_show(value)} is not a mapping of parameter roles to factors"
+        for role, factor in value.items():
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 0:
+                return f"{role}: {_show(factor)} is not a factor >= 0"
+        return None
+
+
 class Device(Rule):
     allowed = "auto, cpu, cuda, cuda:<index>"
 
@@ -177,6 +188,8 @@ RULES: list[tuple[str, Rule]] = [
     ("method.budget", Int(1, null=True)),
     ("method.lr", Number(0.0, strict=True)),
     ("method.weight_decay", Number(0.0)),
+    ("method.module", Text(null=True, allowed="an import path (a module that registers a method)")),
+    ("method.lr_multipliers", Factors()),
     ("task.name", Text()),
     ("task.root", Text(null=True, allowed="a dataset folder")),
     ("task.resolution", Int(8)),
@@ -517,6 +530,9 @@ def job_overrides(argv: list[str]) -> tuple[list[str], bool, str] | None:
 
 def _composition_message(e: Exception, overrides: list[str], compose) -> str:
     """Hydra's multi-line composition errors as one line naming the override."""
+    cause = e.__cause__
+    if type(cause).__name__ == "ValidationError" and getattr(cause, "full_key", None):
+        return _schema_message(str(cause.full_key), cause.value, str(cause))
     text = str(e)
     m = re.match(r"Could not override '([^']+)'", text)
     if m:
@@ -549,6 +565,16 @@ def _composition_message(e: Exception, overrides: list[str], compose) -> str:
         key = m.group(1).partition("=")[0]
         return f"{key}: a comma-separated value sweeps; allowed: -m {m.group(1)} (a sweep), or {key}=[a,b] (a list)"
     return _one_line(text)
+
+
+def _schema_message(key: str, value, text: str) -> str:
+    """A value of the wrong type for the typed schema (bench/schema.py), in the rule table's words where it has the
+    field (the same line `check` would give), else OmegaConf's first line."""
+    rule = dict(RULES).get(key)
+    problem = rule.problem(value) if rule is not None else None
+    if problem:
+        return f"{key}: {problem}; allowed: {rule.allowed}"
+    return f"{key}: {_one_line(text)}"
 
 
 def _hparam_hint(hparams: DictConfig, leaf: str, value: str) -> str | None:
