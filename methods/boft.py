@@ -34,7 +34,7 @@ from methods.cost import narrow
 from methods.errors import fail
 from methods.hparams import divisors, positive_int
 from methods.kernels import rotated_linear
-from methods.linalg import cayley, rotate_blocks, skew
+from methods.linalg import cayley, cayley_reference, rotate_blocks, skew, skew_reference
 from methods.registry import register
 
 
@@ -44,6 +44,11 @@ def butterfly_permutation(d: int, b: int, i: int) -> torch.Tensor:
     chunk = torch.arange(b * stride).view(2 * stride, half)  # the half-blocks of one chunk of b·2^i
     groups = torch.stack([chunk[:stride], chunk[stride:]], dim=1).reshape(-1)  # half-block g next to g + 2^i
     return (torch.arange(0, d, b * stride)[:, None] + groups).reshape(-1)
+
+
+def permutations(d: int, b: int, m: int) -> list[torch.Tensor]:
+    """The gather indices of factors 0 … m−1 (factor 0 keeps the order: its groups are the blocks themselves)."""
+    return [butterfly_permutation(d, b, i) if i else torch.arange(d) for i in range(m)]
 
 
 def gathers(perms: list[torch.Tensor], order: list[int]) -> list[torch.Tensor | None]:
@@ -72,7 +77,7 @@ class BOFT(Adapter):
         super().__init__(layer, shape, hp, variant)
         b, m = hp["block_size"], hp["factors"]
         self.Q = nn.Parameter(torch.zeros(m, shape.d_in // b, b * (b - 1) // 2, device=layer.weight.device))
-        perms = [butterfly_permutation(shape.d_in, b, i) if i else torch.arange(shape.d_in) for i in range(m)]
+        perms = permutations(shape.d_in, b, m)
         for side, order in (("x", list(reversed(range(m)))), ("w", list(range(m)))):  # x R, and rows of W Rᵀ
             for k, index in enumerate(gathers(perms, order)):
                 self.register_buffer(f"gather_{side}{k}", None if index is None else index.to(layer.weight.device),
@@ -129,6 +134,17 @@ class BOFT(Adapter):
             if i is not None:
                 v = rotate_blocks(v, rs.select(-4, i), transpose)
         return v
+
+    def reference_weight(self) -> torch.Tensor:
+        """W' = W Rᵀ, R = F_{m−1} ⋯ F_0, F_i = P_i blockdiag(Cayley(Q_{i,1}), …) P_iᵀ, every matrix dense d_in × d_in
+        (P_i: column j is the unit vector e_{perm_i[j]})."""
+        d, b, m = self.shape.d_in, self.hparams["block_size"], self.hparams["factors"]
+        eye = torch.eye(d, device=self.Q.device, dtype=self.Q.dtype)
+        rotation = eye
+        for blocks, perm in zip(cayley_reference(skew_reference(self.Q, b)), permutations(d, b, m)):
+            p = eye[:, perm.to(self.Q.device)]
+            rotation = p @ torch.block_diag(*blocks) @ p.T @ rotation
+        return self.frozen_weight() @ rotation.T
 
     @classmethod
     def batched_weights(cls, adapters, cache=None) -> torch.Tensor:

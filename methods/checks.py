@@ -10,7 +10,9 @@ fields and `budget_options`. Nothing here names a method.
 Layer checks, for every example (and every variant, with the first example) on every layer of `LAYERS` the method
 adapts (`layer_cases`): identity at init on both sides of the forward pass, merged weight == unmerged forward after
 a perturbation (both sides and eval), trainable count == the formula == the parameters stored, gradients reach the
-adapter's parameters only. Model checks on `Toy` (attention projections named as diffusers', plus a 3×3 Conv2d
+adapter's parameters only, and every path of the forward pass (input side, rebuilt W', batched W') gives the output
+and gradients of the method's plain formula (`reference_weight`; skipped where a method outside this package has
+none). Model checks on `Toy` (attention projections named as diffusers', plus a 3×3 Conv2d
 where the method adapts convolutions), with the first example (`MODEL_CHECKS`): optimiser steps move every adapter
 parameter and nothing frozen, merge == unmerged and detach restores the model, save/load reproduces the outputs
 exactly, a budget picks the size closest to it (within +10%) among the method's budget options, and bad input is
@@ -32,6 +34,7 @@ from torch import nn
 
 from methods.attach import adapters, attach, detach, load, merge, save, summary, trainable_parameters
 from methods.base import Adapter
+from methods.batching import make_groups
 from methods.errors import MethodError
 from methods.optim import optimizer
 from methods.registry import available, create, full_hparams, method_class
@@ -184,7 +187,45 @@ def gradients_reach_only_adapters(case: Case) -> None:
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{side} side: {name} got no gradient"
 
 
-LAYER_CHECKS = (identity_at_init, merged_equals_unmerged, count_is_formula, gradients_reach_only_adapters)
+def _output_and_gradients(adapter: Adapter, x: torch.Tensor, dy: torch.Tensor, forward) -> list[torch.Tensor]:
+    """forward()'s output, then the gradients of ⟨output, dy⟩ in x and in every adapter parameter (zero where none
+    reached it)."""
+    adapter.zero_grad(set_to_none=True)
+    x.grad = None
+    y = forward()
+    y.backward(dy)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in adapter.adapter_state().values()]
+    return [y.detach(), x.grad.clone(), *(g.clone() for g in grads)]
+
+
+def paths_match_reference(case: Case) -> None:
+    """Every way the forward pass computes the layer (the input side, the rebuilt W', a WeightGroup's batched W')
+    gives the output and the gradients (input and parameters) of the method's plain formula, `reference_weight`."""
+    if not method_class(case.method).has_reference():
+        raise Skipped(f"{case.method} defines no reference_weight (W' by its formula, in plain autograd)")
+    layer, adapter, x = make(case)
+    twin = make(case, seed=1)[1]  # a second layer alike, for the batched build
+    perturb(adapter.adapter_state().values())
+    perturb(twin.adapter_state().values())
+    x.requires_grad_(True)
+    dy = torch.randn_like(layer(x))
+    expected = _output_and_gradients(adapter, x, dy, lambda: adapter.apply_weight(x, adapter.reference_weight()))
+    paths = {}
+    for side in ("input", "weight"):
+        adapter.side = side
+        paths[f"{side} side"] = _output_and_gradients(adapter, x, dy, lambda: adapter(x))
+    if make_groups([adapter, twin]):  # side "weight": W' from the group's batched build
+        paths["batched W'"] = _output_and_gradients(adapter, x, dy, lambda: adapter(x))
+    names = ["output", "input gradient", *(f"{n} gradient" for n in adapter.adapter_state())]
+    for path, got in paths.items():
+        for what, ours, reference in zip(names, got, expected):
+            gap = _max(ours - reference)
+            assert gap <= TOLERANCE * (1 + _max(reference)), \
+                f"{path}: {what} differs from reference_weight's by {gap:.2e}"
+
+
+LAYER_CHECKS = (identity_at_init, merged_equals_unmerged, count_is_formula, gradients_reach_only_adapters,
+                paths_match_reference)
 
 
 # --- the toy model ------------------------------------------------------------------------------------------------

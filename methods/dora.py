@@ -45,9 +45,14 @@ class DoRA(LoRA):
             norm = (self.frozen_weight() + self.scale * (self.B @ self.A)).norm(dim=1)
         return self.m / norm
 
+    def reference_weight(self) -> torch.Tensor:
+        """W' = m ⊙ V / ‖V‖_row, V = W + (α/r) B A, the norm a constant in backpropagation (detached)."""
+        v = super().reference_weight()
+        return (self.m / v.detach().norm(dim=1))[:, None] * v
+
     @classmethod
     def batched_weights(cls, adapters, cache=None) -> torch.Tensor:
-        """m ⊙ V / ‖V‖_row with V = W + (α/r) B A, the norm detached."""
+        """m ⊙ V / ‖V‖_row with V = W + (α/r) B A, the norm detached, for N layers."""
         v = super().batched_weights(adapters, cache)
         return (stack([a.m for a in adapters]) / v.detach().norm(dim=-1)).unsqueeze(-1) * v
 

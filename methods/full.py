@@ -38,7 +38,11 @@ class Full(Adapter):
     def count(cls, shape: LayerShape, hp: dict, variant: str | None = None) -> int:
         return shape.d_out * shape.d_in
 
+    def reference_weight(self) -> torch.Tensor:
+        """W' = W + ΔW."""
+        return self.frozen_weight() + self.dW
+
     @classmethod
     def batched_weights(cls, adapters, cache=None) -> torch.Tensor:
-        """W + ΔW."""
+        """W + ΔW for N layers."""
         return stack_constant(adapters, lambda a: a.frozen_weight(), cache, "W") + stack([a.dW for a in adapters])

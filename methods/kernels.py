@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from methods.cost import GROUP_WIDTH
 from methods.linalg import group_blocks
 
+EPS = 1e-12  # floor of squared distances and norms (a zero row of W)
+
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -154,3 +156,47 @@ def low_rank_linear(x, weight, a, b, scale: float, bias=None, magnitude=None):
     """LoRA's (or with `magnitude`, DoRA's) linear layer on x; weight and bias frozen."""
     return _LowRankLinear.apply(x, weight, a, b, scale, magnitude, bias)
 
+
+class _RotatedBoost(torch.autograd.Function):
+    """out = scale · R T_a(u) per block (block vectors as columns): R T_a(u) = c R (u − a) − scale · R a with
+    c = scale (1 − ‖a‖²) / d and d = ‖u − a‖², so one block product V = R u of the frozen unit vectors and one
+    vector g = R a per block give out = c V − (c + scale) g: the weight-sized tensors are touched a few times, not
+    autograd's dozen.
+
+    Backward, with G the output gradient and e = G·(V − g) per vector (= ∂L/∂c):
+    h = −Σ_rows (c + scale) G,   dR = Σ_rows (c G) uᵀ + h aᵀ,
+    da = Rᵀ h + Σ_rows (2 e c / d) u − a Σ_rows 2 e (c + scale) / d    (from ∂d/∂a = −2 (u − a)).
+    u and scale are the frozen weight's (no gradient); r None: no rotation."""
+
+    @staticmethod
+    def forward(ctx, u, scale, a, r):
+        dist2 = (u - a).square_().sum(-2, keepdim=True).clamp_min_(EPS)
+        c = scale * (1 - (a * a).sum(-2, keepdim=True)) / dist2
+        v, g = (u, a) if r is None else (r @ u, r @ a)
+        out = torch.addcmul(c * v, g, c + scale, value=-1)
+        ctx.save_for_backward(u, scale, a, r, v, g, c, dist2)
+        return out.permute(0, 3, 1, 2).contiguous()  # (N, rows, blocks, b): rows of W'
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, scale, a, r, v, g, c, dist2 = ctx.saved_tensors
+        grad = grad.permute(0, 2, 3, 1).contiguous()  # as u: (N, blocks, b, rows)
+        e = (grad * (v - g)).sum(-2, keepdim=True)
+        h = -(grad @ (c + scale).mT)
+        coef = 2 * e / dist2
+        da = u @ (coef * c).mT - a * (coef * (c + scale)).sum(-1, keepdim=True)
+        dr = None
+        if r is None:
+            da = da + h
+        else:
+            da = da + r.mT @ h
+            if ctx.needs_input_grad[3]:
+                dr = (c * grad) @ u.mT + h @ a.mT
+        return None, None, da, dr
+
+
+def rotated_boost(u: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+    """Möbius' conformal boost of N layers' unit blocks, times their norms, rotated: scale · R T_a(u) per block,
+    u (N, blocks, b, rows), scale (N, blocks, 1, rows), a (N, blocks, b, 1), r (N, blocks, b, b) or None; returned
+    as (N, rows, blocks, b), the rows of W'."""
+    return _RotatedBoost.apply(u, scale, a, r)

@@ -55,9 +55,13 @@ class LoRA(Adapter):
     def budget_options(cls, shapes: list[LayerShape], hp: dict) -> list[dict]:
         return [{"rank": r} for r in range(1, max(min(s.d_in, s.d_out) for s in shapes) + 1)]
 
+    def reference_weight(self) -> torch.Tensor:
+        """W' = W + (α/r) B A."""
+        return self.frozen_weight() + self.scale * (self.B @ self.A)
+
     @classmethod
     def batched_weights(cls, adapters, cache=None) -> torch.Tensor:
-        """W + (α/r) B A."""
+        """W + (α/r) B A for N layers in one batched product."""
         w = stack_constant(adapters, lambda a: a.frozen_weight(), cache, "W")
         return torch.baddbmm(w, stack([a.B for a in adapters]), stack([a.A for a in adapters]),
                              alpha=adapters[0].scale)

@@ -30,19 +30,20 @@ from torch import nn
 from methods.base import Adapter, LayerShape
 from methods.batching import stack, stack_constant
 from methods.hparams import aligned_block_options, aligned_block_size
-from methods.linalg import cayley, skew
+from methods.kernels import EPS, rotated_boost
+from methods.linalg import cayley, cayley_reference, skew, skew_reference
 from methods.registry import register
 
 BOOSTS: dict[str, type[nn.Module]] = {}
-EPS = 1e-12
 
 
 def boost(name: str):
-    """Register a Möbius variant: an nn.Module(blocks, b) mapping unit block vectors to the sphere, the identity at
-    initialisation, with a static `count(blocks, b)` of its parameters and a classmethod
-    `batched(boosts, u, scale, r)`: for the boosts of N layers, the boosted blocks times `scale`, rotated by `r`,
-    from u (N, blocks, b, rows) and scale (N, blocks, 1, rows) (block vectors as columns: broadcasting over b and
-    the block products run on contiguous rows), r (N, blocks, b, b) or None; returned as (N, rows, blocks, b)."""
+    """Register a Möbius variant: an nn.Module(blocks, b) whose `forward(u)` maps unit block vectors u (rows,
+    blocks, b) to the sphere by its formula in plain autograd, the identity at initialisation, with a static
+    `count(blocks, b)` of its parameters and a classmethod `batched(boosts, u, scale, r)`, the same map fast: for the
+    boosts of N layers, the boosted blocks times `scale`, rotated by `r`, from u (N, blocks, b, rows) and scale
+    (N, blocks, 1, rows) (block vectors as columns: broadcasting over b and the block products run on contiguous
+    rows), r (N, blocks, b, b) or None; returned as (N, rows, blocks, b)."""
 
     def wrap(cls):
         BOOSTS[name] = cls
@@ -63,53 +64,20 @@ class ConformalBoost(nn.Module):
     def count(blocks: int, b: int) -> int:
         return blocks * b
 
+    @staticmethod
+    def point(v: torch.Tensor) -> torch.Tensor:
+        """a = v / √(1 + ‖v‖²) per block (last dimension): inside the unit ball for every v, 0 at v = 0."""
+        return v * (1 + (v * v).sum(-1, keepdim=True)).rsqrt()
+
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        """T_a(u) for unit block vectors u (rows, blocks, b)."""
-        return self.batched([self], u.permute(1, 2, 0).unsqueeze(0), torch.ones(()), None).squeeze(0)
+        """T_a(u) = (1 − ‖a‖²)(u − a) / ‖u − a‖² − a for unit block vectors u (rows, blocks, b)."""
+        a = self.point(self.v)
+        return (1 - (a * a).sum(-1, keepdim=True)) * (u - a) / (u - a).square().sum(-1, keepdim=True) - a
 
     @classmethod
     def batched(cls, boosts: list, u: torch.Tensor, scale: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
-        v = stack([m.v for m in boosts]).unsqueeze(-1)  # (N, blocks, b, 1)
-        a = v * (1 + (v * v).sum(-2, keepdim=True)).rsqrt()  # inside the unit ball, 0 at v = 0
-        return _RotatedBoost.apply(u, scale, a, r)
-
-
-class _RotatedBoost(torch.autograd.Function):
-    """out = scale · R T_a(u) per block (block vectors as columns): R T_a(u) = c R (u − a) − scale · R a with
-    c = scale (1 − ‖a‖²) / d and d = ‖u − a‖², so one block product V = R u of the frozen unit vectors and one
-    vector g = R a per block give out = c V − (c + scale) g: the weight-sized tensors are touched a few times, not
-    autograd's dozen.
-
-    Backward, with G the output gradient and e = G·(V − g) per vector (= ∂L/∂c):
-    h = −Σ_rows (c + scale) G,   dR = Σ_rows (c G) uᵀ + h aᵀ,
-    da = Rᵀ h + Σ_rows (2 e c / d) u − a Σ_rows 2 e (c + scale) / d    (from ∂d/∂a = −2 (u − a)).
-    u and scale are the frozen weight's (no gradient); r None: no rotation."""
-
-    @staticmethod
-    def forward(ctx, u, scale, a, r):
-        dist2 = (u - a).square_().sum(-2, keepdim=True).clamp_min_(EPS)
-        c = scale * (1 - (a * a).sum(-2, keepdim=True)) / dist2
-        v, g = (u, a) if r is None else (r @ u, r @ a)
-        out = torch.addcmul(c * v, g, c + scale, value=-1)
-        ctx.save_for_backward(u, scale, a, r, v, g, c, dist2)
-        return out.permute(0, 3, 1, 2).contiguous()  # (N, rows, blocks, b): rows of W'
-
-    @staticmethod
-    def backward(ctx, grad):
-        u, scale, a, r, v, g, c, dist2 = ctx.saved_tensors
-        grad = grad.permute(0, 2, 3, 1).contiguous()  # as u: (N, blocks, b, rows)
-        e = (grad * (v - g)).sum(-2, keepdim=True)
-        h = -(grad @ (c + scale).mT)
-        coef = 2 * e / dist2
-        da = u @ (coef * c).mT - a * (coef * (c + scale)).sum(-1, keepdim=True)
-        dr = None
-        if r is None:
-            da = da + h
-        else:
-            da = da + r.mT @ h
-            if ctx.needs_input_grad[3]:
-                dr = (c * grad) @ u.mT + h @ a.mT
-        return None, None, da, dr
+        a = cls.point(stack([m.v for m in boosts])).unsqueeze(-1)  # (N, blocks, b, 1)
+        return rotated_boost(u, scale, a, r)
 
 
 @register("mobius")
@@ -158,9 +126,19 @@ class Mobius(Adapter):
                 self._units = (key, norm, (w / norm.clamp_min(EPS)).contiguous())
         return self._units[1], self._units[2]
 
+    def reference_weight(self) -> torch.Tensor:
+        """Row w of W, block i: w'_i = ‖w_i‖ · R_i T_{a_i}(w_i / ‖w_i‖), R_i = Cayley(Q_i), T the boost."""
+        n, b = self.hparams["blocks"], self.hparams["block_size"]
+        w = self.frozen_weight().reshape(self.shape.d_out, n, b)
+        norm = w.norm(dim=-1, keepdim=True)
+        moved = self.boost(w / norm)  # (d_out, blocks, b)
+        r = cayley_reference(skew_reference(self.Q, b))  # (blocks, b, b)
+        return (norm * torch.einsum("nij,onj->oni", r, moved)).reshape(self.shape.d_out, n * b)
+
     @classmethod
     def batched_weights(cls, adapters, cache=None) -> torch.Tensor:
-        """Per block: ‖w‖ · T_{a_i}(w/‖w‖) · R_iᵀ."""
+        """`reference_weight` for N layers: one fused kernel (`methods.kernels.rotated_boost`) on the frozen unit
+        blocks, which are computed once."""
         norm = stack_constant(adapters, lambda a: a.unit_blocks()[0], cache, "norm")
         unit = stack_constant(adapters, lambda a: a.unit_blocks()[1], cache, "unit")
         r = cayley(skew(stack([a.Q for a in adapters]), adapters[0].hparams["block_size"]))

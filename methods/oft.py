@@ -35,7 +35,7 @@ from methods.cost import narrow
 from methods.errors import fail
 from methods.hparams import aligned_block_options, aligned_block_size, positive_int
 from methods.kernels import rotated_linear
-from methods.linalg import cayley, rotate_blocks, skew
+from methods.linalg import cayley, cayley_reference, rotate_blocks, skew, skew_reference
 from methods.registry import register
 
 
@@ -82,17 +82,24 @@ class OFT(Adapter):
     def budget_options(cls, shapes: list[LayerShape], hp: dict) -> list[dict]:
         return aligned_block_options(shapes)
 
+    def neumann_terms(self) -> int | None:
+        """The Neumann series' number of terms, or None for the exact Cayley map."""
+        return self.hparams["neumann_terms"] if self.hparams["cayley"] == "neumann" else None
+
     def rotation(self) -> torch.Tensor:
         """The blocks R_i, shape (r, b, b)."""
-        terms = self.hparams["neumann_terms"] if self.hparams["cayley"] == "neumann" else None
-        return cayley(skew(self.Q, self.hparams["block_size"]), terms)
+        return cayley(skew(self.Q, self.hparams["block_size"]), self.neumann_terms())
+
+    def reference_weight(self) -> torch.Tensor:
+        """W' = W Rᵀ, R = blockdiag(R_1, …, R_r), R_i = (I − Q_i)(I + Q_i)⁻¹ (or its Neumann series)."""
+        blocks = cayley_reference(skew_reference(self.Q, self.hparams["block_size"]), self.neumann_terms())
+        return self.frozen_weight() @ torch.block_diag(*blocks).T
 
     @classmethod
     def batched_weights(cls, adapters, cache=None) -> torch.Tensor:
-        """W Rᵀ, R = blockdiag(Cayley(Q_i))."""
-        hp = adapters[0].hparams
-        terms = hp["neumann_terms"] if hp["cayley"] == "neumann" else None
-        r = cayley(skew(stack([a.Q for a in adapters]), hp["block_size"]), terms)
+        """W Rᵀ, R = blockdiag(Cayley(Q_i)), for N layers: the blocks applied by reshaping W's rows."""
+        first = adapters[0]
+        r = cayley(skew(stack([a.Q for a in adapters]), first.hparams["block_size"]), first.neumann_terms())
         return rotate_blocks(stack_constant(adapters, lambda a: a.frozen_weight(), cache, "W"), r, transpose=True)
 
     def input_cost(self, tokens: int, grad: bool) -> int:

@@ -22,6 +22,7 @@ in `factors`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import geoopt
@@ -153,9 +154,14 @@ class SODA(SpectralShift):
     def budget_options(cls, shapes: list[LayerShape], hp: dict) -> list[dict]:
         return budget_factors(sorted({s.d_in for s in shapes}))
 
+    def reference_weight(self) -> torch.Tensor:
+        """W' = U diag(ReLU(σ + δ)) Vᵀ Rᵀ, R = K_1 ⊗ K_2 ⊗ K_3 (the dense d_in × d_in Kronecker product)."""
+        rotation = functools.reduce(torch.kron, list(self.K))
+        return self.spectral_weight() @ rotation.T
+
     @classmethod
     def batched_weights(cls, adapters, cache=None) -> torch.Tensor:
-        """U diag(ReLU(σ + δ)) Vᵀ (K_1 ⊗ K_2 ⊗ K_3)ᵀ."""
+        """U diag(ReLU(σ + δ)) Vᵀ (K_1 ⊗ K_2 ⊗ K_3)ᵀ for N layers, one Kronecker factor per reshaped axis."""
         w = cls.shifted(adapters, stack_constant(adapters, lambda a: a.frozen_weight(), cache, "W"), cache)
         factors = [stack([a.K[j] for a in adapters]) for j in range(len(adapters[0].K))]
         return kron_apply(w, factors, transpose=True)

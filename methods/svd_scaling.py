@@ -34,6 +34,10 @@ class SpectralShift(Adapter):
         self.token_cost = narrow(shape.d_in + shape.d_out, s.numel())
         self.build_cost = shape.d_out * s.numel() * shape.d_in  # (U ⊙ shift) Vᵀ
 
+    def spectral_weight(self) -> torch.Tensor:
+        """U diag(ReLU(σ + δ)) Vᵀ: the shifted spectrum, by its formula (plain autograd)."""
+        return (self.U * torch.relu(self.S + self.delta)) @ self.Vh
+
     def shift(self) -> torch.Tensor:
         """ReLU(σ + δ) − σ, zero at init."""
         return torch.relu(self.S + self.delta) - self.S
@@ -65,9 +69,13 @@ class SVDScaling(SpectralShift):
     def count(cls, shape: LayerShape, hp: dict, variant: str | None = None) -> int:
         return min(shape.d_in, shape.d_out)
 
+    def reference_weight(self) -> torch.Tensor:
+        """W' = U diag(ReLU(σ + δ)) Vᵀ."""
+        return self.spectral_weight()
+
     @classmethod
     def batched_weights(cls, adapters, cache=None) -> torch.Tensor:
-        """W + U diag(ReLU(σ + δ) − σ) Vᵀ."""
+        """W + U diag(ReLU(σ + δ) − σ) Vᵀ (exactly W at δ = 0), for N layers."""
         return cls.shifted(adapters, stack_constant(adapters, lambda a: a.frozen_weight(), cache, "W"), cache)
 
     def forward_input(self, x: torch.Tensor) -> torch.Tensor:

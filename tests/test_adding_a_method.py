@@ -7,8 +7,9 @@ command of the page's bash blocks is run as HOW says (a command without an entry
 a way to run it):
 
 - "env": the PYTHONPATH line (its stand-in above);
-- "subprocess": as written, in the temporary folder (`python -m methods check`, and the leaderboard command after
-  the smoke run has written `multirun/smoke` there);
+- "main": the command's own arguments given to its module's `main()` in this process (`python -m methods check`);
+- "subprocess": as written, in the temporary folder (the leaderboard command, after the smoke run has written
+  `multirun/smoke` there);
 - "smoke": composed from the command's own overrides plus fewer steps (one subject, two steps) and run in-process
   with `bench.run.run_job` into `multirun/smoke/` of the temporary folder;
 - "check": every job of the sweep composed and validated (`bench.validate.check_argv`, what runs before any job
@@ -34,13 +35,14 @@ import methods
 from bench import CONF
 from bench.validate import check_argv
 from isolated_registry import isolated  # noqa: F401  (the fixture)
+from methods import __main__ as methods_cli
 from methods import registry
 
 ROOT = Path(__file__).parents[1]
 GUIDE = ROOT / "docs" / "adding-a-method.md"
 HOW = {
     "export PYTHONPATH=/path/to/the/folder/holding/my_methods:$PYTHONPATH": "env",
-    "python -m methods check my_methods.lora_fa": "subprocess",
+    "python -m methods check my_methods.lora_fa": "main",
     "python -m bench -m method=lora_fa task=dreambooth experiment=smoke": "smoke",
     "python -m results leaderboard multirun/smoke": "subprocess",
     "python -m bench -m experiment=tune method=lora_fa task=dreambooth": "check",
@@ -108,7 +110,7 @@ def bench_args(command: str, conf: Path) -> list[str]:
     return [*shlex.split(command)[3:], f"hydra.searchpath=[file://{conf}]"]
 
 
-def test_the_guide_checks_validates_and_installs(isolated, tmp_path):
+def test_the_guide_checks_validates_and_installs(isolated, tmp_path, capsys):
     work, conf = follow(tmp_path)
 
     # the entry-point section: pyproject.toml's table as an installed distribution's entry_points.txt
@@ -126,10 +128,12 @@ def test_the_guide_checks_validates_and_installs(isolated, tmp_path):
     assert registry.method_class("lora_fa").__module__ == "my_methods.lora_fa"
 
     for command, how in HOW.items():
-        if how == "subprocess" and "methods check" in command:
-            done = run_as_written(command, work)
-            assert done.returncode == 0, done.stdout + done.stderr
-            assert re.search(r"^21 checks on lora_fa: 21 passed, 0 failed, 0 skipped$", done.stdout, flags=re.M)
+        if how == "main":
+            assert shlex.split(command)[:3] == ["python", "-m", "methods"], "another module: call its main() here"
+            status = methods_cli.main(shlex.split(command)[3:])
+            out = capsys.readouterr().out
+            assert status == 0, out
+            assert re.search(r"^(\d+) checks on lora_fa: \1 passed, 0 failed, 0 skipped$", out, flags=re.M), out
         elif how == "check":
             assert check_argv(bench_args(command, conf), CONF) is None, command
 

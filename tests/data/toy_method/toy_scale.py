@@ -28,5 +28,5 @@ class ToyScale(Adapter):
     def count(cls, shape, hp, variant=None):
         return shape.d_out
 
-    def adapted_weight(self):
+    def reference_weight(self):  # W' by its formula; with no faster path, the forward pass builds it so too
         return (1 + self.s)[:, None] * self.frozen_weight()
