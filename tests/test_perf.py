@@ -12,7 +12,10 @@ import torch
 from torch import nn
 
 import methods
-from bench import perf
+from bench.memory import PeakMemory
+from bench.perf import cli, report
+from bench.perf.harness import interleaved
+from bench.perf.layer import layer_memory
 from methods.linalg import skew
 from methods.optim import RiemannianAdam
 from methods.registry import method_class
@@ -44,8 +47,8 @@ def _ratios(node, path=""):
 @pytest.mark.slow
 def test_quick_run_writes_json_and_markdown(tmp_path):
     out, md = tmp_path / "perf.json", tmp_path / "perf.md"
-    perf.main(["--quick", "--methods", "lora,oft", "--repeats", "2", "--min-seconds", "0.005", "--threads", "1",
-               "--out", str(out), "--markdown", str(md)])
+    cli.main(["--quick", "--methods", "lora,oft", "--repeats", "2", "--min-seconds", "0.005", "--threads", "1",
+              "--out", str(out), "--markdown", str(md)])
     result = json.loads(out.read_text())
     env = result["environment"]
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["threads"] == 1
@@ -68,8 +71,12 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     assert len(ratios) > 50
     for where, value in ratios:
         assert math.isfinite(value) and value > 0, where
-    assert isinstance(result["misses"], list)
     text = md.read_text()
+    # every missed target is one ✗ in the tables (the forced-sides table's ✗ judge the cost model, not a target)
+    judged = [s for s in text.split("\n## ") if not s.startswith("One layer: each side forced")]
+    rows = [line for s in judged for line in s.splitlines() if line.startswith("|")]
+    assert sum(line.count("✗") for line in rows) == len(result["misses"])
+    assert f"Peak memory: {env['memory_source']}." in text  # the meter, beside its figures
     for title in ("forward+backward time / frozen layer", "peak memory / frozen layer", "ours / peft",
                   "Micro model training step", "Sampling / base model"):
         assert title in text
@@ -84,9 +91,9 @@ def test_markdown_marks_missed_targets():
     result = {"environment": {"device_name": "cpu", "device": "cpu", "threads": 1, "precision": "fp32",
                               "torch": "x", "peft": "y"}, "command": "c", "repeats": 3, "methods": ["oft"],
               "layer": [row]}
-    text = perf.markdown(result)
+    text = report.markdown(result)
     assert "| oft | 1.42× ✗ i |" in text and "0.70×, 1.01× ✗" in text
-    assert any("1.42× frozen" in m for m in perf.misses(result))
+    assert any("1.42× frozen" in m for m in report.misses(result))
 
 
 def _perturbed(name, layer, **hp):
@@ -262,12 +269,12 @@ def test_batched_riemannian_adam_is_geoopts_update():
 
 def test_cpu_allocation_tracker_sees_the_peak():
     x = torch.randn(1000, 1000)  # allocated before: not counted
-    with perf.Peak(torch.device("cpu")) as peak:
+    with PeakMemory(torch.device("cpu"), cpu="allocations") as peak:
         a = x + 1  # 4 MB
         b = a * 2  # 4 MB more, both alive: the peak
         del a, b
         c = x.sum()  # a scalar after the peak
-    assert 8_000_000 <= peak.bytes <= 8_100_000
+    assert 8_000_000 <= peak.peak <= 8_100_000 and peak.increase == peak.peak
     assert c.numel() == 1
 
 
@@ -275,13 +282,13 @@ def test_layer_memory_counts_what_the_call_holds():
     layer = nn.Linear(64, 32, bias=False).requires_grad_(False)
     x = torch.randn(2, 50, 64, requires_grad=True)
     dy = torch.randn(2, 50, 32)
-    frozen = perf.layer_memory(layer, x, dy, None, torch.device("cpu"))
+    frozen = layer_memory(layer, x, dy, "fp32", torch.device("cpu"))
     assert frozen["static_bytes"] == 4 * (x.numel() + dy.numel() + layer.weight.numel())
     assert frozen["during_bytes"] >= 4 * (dy.numel() + x.numel())  # the output and the input gradient
     assert frozen["saved_bytes"] == 0  # a frozen layer keeps nothing but its weight for backward
     adapter = methods.create("lora", copy.deepcopy(layer))
     adapter.side = "weight"  # autograd through W' = W + BA keeps W' (and x, which is not counted)
-    lora = perf.layer_memory(adapter, x, dy, None, torch.device("cpu"))
+    lora = layer_memory(adapter, x, dy, "fp32", torch.device("cpu"))
     assert lora["saved_bytes"] >= 4 * layer.weight.numel()
     assert lora["peak_bytes"] > frozen["peak_bytes"]
 
@@ -289,7 +296,7 @@ def test_layer_memory_counts_what_the_call_holds():
 def test_paired_timing_measures_the_reference_right_before_each_variant():
     calls = []
     steps = {name: (lambda name=name: calls.append(name)) for name in ("base", "a", "b")}
-    timing = perf.interleaved(steps, "base", repeats=3, device=torch.device("cpu"), min_seconds=0.0)
+    timing = interleaved(steps, "base", repeats=3, device=torch.device("cpu"), min_seconds=0.0)
     measured = calls[2 * len(steps):]  # after the warm-up (two calls each)
     assert len(measured) == 3 * 2 * 2
     assert measured[0::2] == ["base"] * 6 and sorted(measured[1::2]) == ["a"] * 3 + ["b"] * 3
@@ -298,5 +305,5 @@ def test_paired_timing_measures_the_reference_right_before_each_variant():
     timing.seconds["a"], timing.beside["a"] = [2.0, 4.0, 6.0], [1.0, 2.0, 3.0]
     timing.seconds["base"] = [1.0, 2.0, 3.0, 100.0, 100.0, 100.0]
     assert timing.ratio("a", "base")["ratio"] == 2.0
-    alone = perf.interleaved({"base": steps["base"]}, "base", repeats=2, device=torch.device("cpu"), min_seconds=0.0)
+    alone = interleaved({"base": steps["base"]}, "base", repeats=2, device=torch.device("cpu"), min_seconds=0.0)
     assert len(alone.seconds["base"]) == 2 and alone.ratio("base", "base")["ratio"] == 1.0
