@@ -690,7 +690,9 @@ def test_cli_module_exits_2_without_traceback(tmp_path):
 
 # ---------------------------------------------------------------- notebook
 
+@pytest.mark.slow
 def test_notebook_runs_on_records(runs, monkeypatch):
+    """End to end: the notebook in a Jupyter kernel of its own (a process start, seconds)."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("PEFTBENCH_RUNS", str(runs))
