@@ -23,6 +23,7 @@ import torch
 from .base import Request, Scores, TaskError, TrainSet, split_of
 from .metrics import micro as micro_metrics
 from .micro import subjects, world
+from .registry import register
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 LIVE_CLASSES = {"cat", "dog"}  # DreamBench's live subjects use the live-subject prompt list
@@ -40,11 +41,11 @@ def _request_seed(seed: int, prompt_index: int, k: int) -> int:
     return seed * 1_000_003 + prompt_index * 101 + k
 
 
+@register("dreambooth")
 class MicroDreamBooth:
     """DreamBooth on the micro subjects (tasks/micro/subjects.py): `task.split=validation` trains the validation
     subjects (for learning-rate tuning), `test` (default) the test subjects; the two never overlap."""
 
-    name = "dreambooth"
     dataset = "micro"
     objective = ("micro_subject_fidelity", "micro_prompt_fidelity")  # what tuning maximises (their mean)
 
@@ -184,6 +185,7 @@ def dreambench_split(names: list[str], split: str) -> list[str]:
     return chosen
 
 
+@register("dreambooth", real=True)
 class DreamBench:
     """DreamBench (Ruiz et al., CVPR 2023) from `task.root`: dataset/<subject>/*.jpg + prompts_and_classes.txt.
 
@@ -192,7 +194,6 @@ class DreamBench:
     prompt with the identifier removed ("a <class> in the jungle"), since the identifier means nothing to CLIP.
     """
 
-    name = "dreambooth"
     dataset = "dreambench"
     objective = ("dino", "clip_t")  # what tuning maximises (their mean)
 

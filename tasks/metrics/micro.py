@@ -24,6 +24,11 @@ Registered as micro_* metrics:
   images of the same prompt.
 - drift: mean fraction of pixels whose palette colour changes when the adapter is switched on, on unrelated
   prompts with the same seeds (lower is better).
+
+Controllable generation (OFT Table 2's metrics with the same formulas, `tasks.metrics.control`): the parser is the
+segmenter and the edge / keypoint detector, and the project's scene features (`MicroFeatures`) replace Inception
+for FID. Registered as micro_mIoU, micro_mAcc, micro_aAcc (segmentation into `SEG_CLASSES`), micro_edge_IoU,
+micro_edge_F1, micro_keypoint_error (`keypoint_error`) and micro_fid (`fid`).
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ import functools
 import itertools
 
 import numpy as np
+import torch
 from scipy import ndimage
+from torch import nn
 
-from tasks.metrics import MetricInfo, register_metric
+from tasks.metrics import MetricInfo, control, register_metric
 from tasks.micro import parse, subjects, world
 
 _PALETTE_INDEX = {name: i for i, name in enumerate(world.COLORS)}
@@ -169,5 +176,66 @@ METRICS = {
         ("micro_prompt_fidelity", True, "fraction of the prompt's attributes the parser finds satisfied", "clip_t"),
         ("micro_diversity", True, "palette-label change between images of one prompt", "lpips_diversity"),
         ("micro_drift", False, "palette-label change on unrelated prompts, adapter on vs off", "drift"),
+    )
+}
+
+
+# --- controllable generation ------------------------------------------------------------------------------------
+
+SEG_CLASSES = 1 + len(world.SHAPES)  # the parser's segmentation labels: background + one class per shape kind
+
+
+class MicroFeatures(nn.Module):
+    """The project's FID feature for micro images (images (N, 3, 32, 32) in [0, 1] -> (N, 31)): palette-colour
+    histogram (8), background colour (8), and the parsed objects' shape (4), size (2) and position (9) counts."""
+
+    num_features = 31  # torchmetrics reads this instead of probing with a 299x299 image
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        colours = list(world.COLORS)
+        feats = []
+        for img in images.permute(0, 2, 3, 1).cpu().numpy():
+            p = parse.parse(img)
+            hist = np.bincount(parse.quantize(img).ravel(), minlength=len(colours)) / img[..., 0].size
+            f = [hist, np.eye(len(colours))[colours.index(p.background)]]
+            for attr, values in (("shape", world.SHAPES), ("size", tuple(world.SIZES)), ("position", range(9))):
+                counts = np.zeros(len(values))
+                for o in p.objects:
+                    counts[list(values).index(getattr(o, attr))] += 1
+                f.append(counts)
+            feats.append(np.concatenate(f))
+        return torch.tensor(np.stack(feats), dtype=torch.float32)
+
+
+def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Fréchet distance of `MicroFeatures` between real and generated micro images (N, 3, 32, 32) in [0, 1]."""
+    return control.fid(real, fake, MicroFeatures())
+
+
+def keypoint_error(pred: np.ndarray, target: np.ndarray) -> float:
+    """Mean L2 distance (pixels) from each target object's 5 keypoints to those of the nearest parsed object
+    (by centroid); a missing object costs the image diagonal per point."""
+    if len(target) == 0:
+        return 0.0
+    if len(pred) == 0:
+        return float(np.hypot(world.SIZE, world.SIZE))
+    errors = []
+    for obj in target:
+        nearest = pred[np.linalg.norm(pred[:, 0] - obj[0], axis=1).argmin()]
+        errors.append(np.linalg.norm(nearest - obj, axis=1).mean())
+    return float(np.mean(errors))
+
+
+CONTROL_METRICS = {
+    name: register_metric(name, MetricInfo(higher, description, None, analogue_of))
+    for name, higher, description, analogue_of in (
+        ("micro_mIoU", True, "mIoU (%) of the parser's segmentation of the generated image vs the input", "mIoU"),
+        ("micro_mAcc", True, "mean class accuracy (%) of the parser's segmentation vs the input", "mAcc"),
+        ("micro_aAcc", True, "pixel accuracy (%) of the parser's segmentation vs the input", "aAcc"),
+        ("micro_edge_IoU", True, "IoU of the parser's edges of the generated image vs the input edges", "edge_IoU"),
+        ("micro_edge_F1", True, "F1 of the parser's edges of the generated image vs the input edges", "edge_F1"),
+        ("micro_keypoint_error", False, "mean L2 (px) from input object keypoints to the parsed ones",
+         "landmark_error"),
+        ("micro_fid", False, "Fréchet distance of micro scene features (MicroFeatures)", "fid"),
     )
 }
