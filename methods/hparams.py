@@ -18,6 +18,19 @@ def positive_int(field: str, value, shape: LayerShape, minimum: int = 1) -> int:
     return value
 
 
+def positive_number(field: str, value, shape: LayerShape, allowed: str = "numbers > 0") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise fail(field, value, "must be a positive number", shape.name, allowed)
+    return value
+
+
+def rank_and_alpha(hp: dict, shape: LayerShape) -> tuple[int, float]:
+    """A low-rank update's rank r and scale numerator α (the update is scaled by α / r; `alpha: null` is α = r)."""
+    rank = positive_int("rank", hp["rank"], shape)
+    alpha = rank if hp["alpha"] is None else hp["alpha"]
+    return rank, positive_number("alpha", alpha, shape, "numbers > 0, or null for α = rank")
+
+
 def block_size_of(hp: dict, shape: LayerShape, dim: int | None = None) -> int:
     """The block size from `block_size` or from `blocks` (the number of blocks, b = d_in / blocks)."""
     dim = shape.d_in if dim is None else dim

@@ -18,8 +18,7 @@ from torch import nn
 from methods.base import Adapter, LayerShape
 from methods.batching import stack, stack_constant
 from methods.cost import skinny
-from methods.errors import fail
-from methods.hparams import positive_int
+from methods.hparams import rank_and_alpha
 from methods.kernels import low_rank_linear
 from methods.registry import register
 
@@ -41,10 +40,7 @@ class LoRA(Adapter):
 
     @classmethod
     def resolve(cls, shape: LayerShape, hp: dict) -> dict:
-        rank = positive_int("rank", hp["rank"], shape)
-        alpha = rank if hp["alpha"] is None else hp["alpha"]
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-            raise fail("alpha", alpha, "must be a positive number", shape.name, "numbers > 0, or null for α = rank")
+        rank, alpha = rank_and_alpha(hp, shape)
         return {**hp, "rank": rank, "alpha": alpha}
 
     @classmethod

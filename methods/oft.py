@@ -33,7 +33,7 @@ from methods.base import Adapter, LayerShape
 from methods.batching import stack, stack_constant
 from methods.cost import narrow
 from methods.errors import fail
-from methods.hparams import aligned_block_options, aligned_block_size, positive_int
+from methods.hparams import aligned_block_options, aligned_block_size, positive_int, positive_number
 from methods.kernels import rotated_linear
 from methods.linalg import cayley, cayley_reference, rotate_blocks, skew, skew_reference
 from methods.registry import register
@@ -70,8 +70,7 @@ class OFT(Adapter):
         positive_int("neumann_terms", hp["neumann_terms"], shape)
         if not isinstance(hp["coft"], bool):
             raise fail("coft", hp["coft"], "must be a boolean", shape.name, "true, false")
-        if isinstance(hp["eps"], bool) or not isinstance(hp["eps"], (int, float)) or hp["eps"] <= 0:
-            raise fail("eps", hp["eps"], "must be a positive number", shape.name, "numbers > 0")
+        positive_number("eps", hp["eps"], shape)
         return {**hp, "block_size": b, "blocks": shape.d_in // b}
 
     @classmethod
