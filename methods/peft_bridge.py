@@ -142,10 +142,9 @@ def _count(peft_type: str, fields_json: str, kind: str, weight_shape: tuple) -> 
     return sum(p.numel() for p in tuner.parameters() if p.requires_grad)
 
 
-def count_on(peft_type: str, fields: dict, shape: LayerShape) -> int:
+def count_on(peft_type: str, fields: dict, shape: LayerShape, knob: str) -> int:
     counted = _count(peft_type, json.dumps(fields, sort_keys=True), shape.kind, tuple(shape.weight_shape))
     if isinstance(counted, str):
-        knob = knob_of(peft_type)
         raise fail(knob, fields.get(knob), f"cannot be built by peft {peft.__version__}'s {peft_type} ({counted})",
                    shape.name, "a size and config peft accepts on this layer")
     return counted
@@ -177,6 +176,11 @@ class PeftTuner(Adapter):
         raise NotImplementedError
 
     @classmethod
+    def knob(cls, hp: dict) -> str:
+        """The config field the size sets."""
+        raise NotImplementedError
+
+    @classmethod
     def fields_of(cls, hp: dict) -> dict:
         """The config fields given to peft (the knob at the size's value; a null size: peft's default)."""
         raise NotImplementedError
@@ -194,32 +198,29 @@ class PeftTuner(Adapter):
     def resolve(cls, shape: LayerShape, hp: dict) -> dict:
         peft_type = cls.tuner_of(hp)
         field = cls.size_field(hp)
-        if hp.get(field) is not None:
-            positive_int(field, hp[field], shape)
         fields = cls.fields_of(hp)
-        count_on(peft_type, fields, shape)  # peft builds this layer, or says why not
+        count_on(peft_type, fields, shape, cls.knob(hp))  # peft builds this layer, or says why not
         config = config_record(make_config(peft_type, fields))
         if hp.get("peft_config") is not None and hp["peft_config"] != config:
             raise fail("peft_config", "(saved)", f"differs from what peft {peft.__version__} builds ({config})", "",
                        "null, or the config the installed peft builds for these hyper-parameters")
-        return {**hp, field: fields[knob_of(peft_type)], "peft_config": config}
+        return {**hp, field: fields[cls.knob(hp)], "peft_config": config}
 
     @classmethod
     def count(cls, shape: LayerShape, hp: dict, variant: str | None = None) -> int:
-        return count_on(cls.tuner_of(hp), cls.fields_of(hp), shape)
+        return count_on(cls.tuner_of(hp), cls.fields_of(hp), shape, cls.knob(hp))
 
     @classmethod
     def budget_options(cls, shapes: list[LayerShape], hp: dict) -> list[dict]:
         """Every size up to `size_limit`. A layer that peft builds at no size is an error here (a budget search
         skips sizes that fail, so it would otherwise find none and not say why)."""
-        peft_type, field = cls.tuner_of(hp), cls.size_field(hp)
-        knob = knob_of(peft_type)
+        peft_type, field, knob = cls.tuner_of(hp), cls.size_field(hp), cls.knob(hp)
         values = size_values(cls.size_limit(shapes, knob))
         for shape in {s.weight_shape: s for s in shapes}.values():
             problems = []
             for value in values:
                 try:
-                    count_on(peft_type, cls.fields_of({**hp, field: value}), shape)
+                    count_on(peft_type, cls.fields_of({**hp, field: value}), shape, knob)
                     break
                 except MethodError as e:
                     problems.append(str(e))
@@ -299,7 +300,13 @@ class GenericPeft(PeftTuner):
         return "size"
 
     @classmethod
+    def knob(cls, hp: dict) -> str:
+        return knob_of(cls.tuner_of(hp))
+
+    @classmethod
     def resolve(cls, shape: LayerShape, hp: dict) -> dict:
+        if hp["size"] is not None:
+            positive_int("size", hp["size"], shape)
         return {**super().resolve(shape, hp), "peft_type": cls.tuner_of(hp)}
 
     @classmethod
@@ -331,6 +338,10 @@ class CuratedPeft(PeftTuner):
         return cls.sized_by[0]
 
     @classmethod
+    def knob(cls, hp: dict) -> str:
+        return cls.sized_by[0]
+
+    @classmethod
     def fields_of(cls, hp: dict) -> dict:
         return {k: v for k, v in hp.items() if k != "peft_config"}
 
@@ -352,12 +363,19 @@ class PeftHRA(CuratedPeft):
 
 @register("peft_lokr")
 class PeftLoKr(CuratedPeft):
-    """LoKr: ΔW = (α/r)·(W_1 ⊗ W_2), W_2 low-rank (B·A) where r is small against its size."""
+    """LoKr: ΔW = (α/r)·(W_1 ⊗ W_2), W_1 (f_out × f_in) and W_2 (d_out/f_out × d_in/f_in, low-rank B·A of rank r
+    while r < half its larger side, full beyond); f = decompose_factor where it divides the dimension. Sized, as
+    LyCORIS sizes it, by the factor f with full factors (r large, α = r): f² + d_out·d_in/f² parameters."""
 
     peft_type = "LOKR"
     defaults = curated("LOKR")
-    sized_by = ("r",)
-    examples = {"default": {"r": 2, "alpha": 2}}
+    sized_by = ("decompose_factor",)
+    examples = {"default": {"decompose_factor": 2, "r": 1000, "alpha": 1000}}
+
+    @classmethod
+    def size_limit(cls, shapes: list[LayerShape], knob: str) -> int:
+        """Factors up to the largest channel count (input channels of a Conv2d, LoKr factorises channels)."""
+        return max(max(s.d_out, s.weight_shape[1]) for s in shapes)
 
 
 @register("peft_loha")
