@@ -61,9 +61,9 @@ class LayerShape:
         raise fail("target_modules", name, f"is a {type(layer).__name__}", "", "nn.Linear, nn.Conv2d")
 
 
-
 class Adapter(nn.Module):
-    """One frozen layer plus a method's parameters. Subclasses read as their formula."""
+    """One frozen layer plus a method's parameters. Subclasses read as their formula (`reference_weight`), then as
+    the faster ways they compute it."""
 
     method: ClassVar[str] = ""  # set by @register
     defaults: ClassVar[dict] = {}
@@ -140,7 +140,7 @@ class Adapter(nn.Module):
     @classmethod
     def batched_weights(cls, adapters: list, cache: dict | None = None) -> torch.Tensor:
         """W' of several adapters of this method (same layer shape and hyper-parameters), stacked (N, d_out, d_in),
-        differentiable in their parameters; `cache` keeps stacked constants (`stack_constant`)."""
+        differentiable in their parameters; `cache` keeps stacked constants (`methods.batching.stack_constant`)."""
         raise NotImplementedError
 
     def forward_input(self, x: torch.Tensor) -> torch.Tensor:

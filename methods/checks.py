@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.attach import adapters, attach, detach, load, merge, save, summary, trainable_parameters
+from methods.attach import adapters, attach, detach, load, merge, save, trainable_parameters
 from methods.base import Adapter
 from methods.batching import make_groups
 from methods.errors import MethodError
