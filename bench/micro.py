@@ -91,96 +91,119 @@ def switch_objective(state: dict, old: str, new: str) -> None:
         log.info("prediction target %s -> %s from step %d", old, new, state["step"])
 
 
-def train(args: argparse.Namespace) -> None:
-    torch.manual_seed(args.seed)
-    tokenizer = micro.build_tokenizer()
-    unet, text_encoder = micro.build_unet(), micro.build_text_encoder(tokenizer)
-    scheduler = micro.build_scheduler(args.prediction)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
-    state = {"step": 0, "minutes": 0.0, "curve": [], "prediction": args.prediction,
-             "rng": np.random.default_rng(args.seed).bit_generator.state}
-    state_file = Path(args.state)
-    if state_file.exists():
-        ckpt = torch.load(state_file, weights_only=False)
-        for module, key in ((unet, "unet"), (text_encoder, "text"), (ema_unet, "ema_unet"), (ema_text, "ema_text")):
-            module.load_state_dict(ckpt[key])
-        opt.load_state_dict(ckpt["opt"])
-        state = ckpt["state"]
-        log.info("resumed at step %d (%.1f training minutes)", state["step"], state["minutes"])
-        switch_objective(state, state.get("prediction", "epsilon"), args.prediction)
-    elif (Path(args.out) / "learning_curve.json").exists():
-        # A new machine has no .cache: continue from the committed weights (fresh optimiser moments, lr warm-up
-        # again) and extend their learning curve.
-        committed = models.load(args.out)
-        for module, source in ((unet, committed.unet), (text_encoder, committed.text_encoder),
-                               (ema_unet, committed.unet), (ema_text, committed.text_encoder)):
-            module.load_state_dict(source.state_dict())
-        curve = json.loads((Path(args.out) / "learning_curve.json").read_text())
-        last = curve[-1]
-        state = {"step": last["step"], "minutes": last["minutes"], "curve": curve, "warm_start": last["step"],
-                 "rng": np.random.default_rng(args.seed + last["step"]).bit_generator.state}
-        log.info("warm start from %s at step %d (%.1f training minutes)", args.out, last["step"], last["minutes"])
-        switch_objective(state, committed.scheduler.config.prediction_type, args.prediction)
-    rng = np.random.default_rng()
-    rng.bit_generator.state = state["rng"]
-    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
-    model = models.Diffusion("micro", unet, text_encoder, tokenizer, scheduler, None, world.SIZE)
-    ema_model = models.Diffusion("micro", ema_unet, ema_text, tokenizer, scheduler, None, world.SIZE)
+class Pretraining:
+    """The micro model in training: weights, their EMA, the optimiser and the state a checkpoint keeps (step,
+    training minutes, learning curve, prediction target, the data stream's rng)."""
 
-    def checkpoint() -> None:
-        ema_model.unet.eval(), ema_model.text_encoder.eval()
-        scores = evaluate(ema_model, n=args.eval_n, guidance=args.guidance)
-        state["curve"].append({"minutes": round(state["minutes"], 1), "step": state["step"],
-                               "prediction": args.prediction, **scores})
-        log.info("step %d, %.1f min: %s", state["step"], state["minutes"], scores)
-        state["rng"] = rng.bit_generator.state
-        buffer = io.BytesIO()
-        torch.save({"unet": unet.state_dict(), "text": text_encoder.state_dict(), "ema_unet": ema_unet.state_dict(),
-                    "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "state": state}, buffer)
-        records.atomic_write(state_file, buffer.getvalue())
-        micro.save(args.out, ema_unet, ema_text, tokenizer, scheduler)
-        (Path(args.out) / "learning_curve.json").write_text(json.dumps(state["curve"], indent=1))
+    def __init__(self, args: argparse.Namespace):
+        torch.manual_seed(args.seed)
+        self.args = args
+        self.tokenizer = micro.build_tokenizer()
+        self.unet, self.text = micro.build_unet(), micro.build_text_encoder(self.tokenizer)
+        self.scheduler = micro.build_scheduler(args.prediction)
+        self.params = list(self.unet.parameters()) + list(self.text.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=0.01)
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self.ema_text = copy.deepcopy(self.text).requires_grad_(False)
+        self.state = {"step": 0, "minutes": 0.0, "curve": [], "prediction": args.prediction,
+                      "rng": np.random.default_rng(args.seed).bit_generator.state}
+        self.resume()
+        self.rng = np.random.default_rng()
+        self.rng.bit_generator.state = self.state["rng"]
+        self.ema_params = list(self.ema_unet.parameters()) + list(self.ema_text.parameters())
+        self.model = models.Diffusion("micro", self.unet, self.text, self.tokenizer, self.scheduler, None, world.SIZE)
+        self.ema_model = models.Diffusion("micro", self.ema_unet, self.ema_text, self.tokenizer, self.scheduler, None,
+                                          world.SIZE)
 
-    stop = []  # SIGTERM ends the run at the next step boundary, with a checkpoint
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    end = time.time() + args.minutes * 60
-    next_eval = time.time() + args.eval_every * 60
-    bar = tqdm(desc="pretraining micro", unit="step", initial=state["step"])
-    unet.train(), text_encoder.train()
-    last_step = state["step"] + args.steps if args.steps else None
-    while time.time() < end and not stop and state["step"] != last_step:
-        t0 = time.time()
-        lr = args.lr * min(1.0, (state["step"] - state.get("warm_start", 0) + 1) / 500)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        images, captions = training_batch(rng, args.batch)
+    def resume(self) -> None:
+        """From the checkpoint file; on a new machine (no .cache) from the committed weights, with fresh optimiser
+        moments and the lr warmed up again, extending their learning curve."""
+        args, state_file = self.args, Path(self.args.state)
+        if state_file.exists():
+            ckpt = torch.load(state_file, weights_only=False)
+            for module, key in ((self.unet, "unet"), (self.text, "text"), (self.ema_unet, "ema_unet"),
+                                (self.ema_text, "ema_text")):
+                module.load_state_dict(ckpt[key])
+            self.opt.load_state_dict(ckpt["opt"])
+            self.state = ckpt["state"]
+            log.info("resumed at step %d (%.1f training minutes)", self.state["step"], self.state["minutes"])
+            switch_objective(self.state, self.state.get("prediction", "epsilon"), args.prediction)
+        elif (Path(args.out) / "learning_curve.json").exists():
+            committed = models.load(args.out)
+            for module, source in ((self.unet, committed.unet), (self.text, committed.text_encoder),
+                                   (self.ema_unet, committed.unet), (self.ema_text, committed.text_encoder)):
+                module.load_state_dict(source.state_dict())
+            curve = json.loads((Path(args.out) / "learning_curve.json").read_text())
+            last = curve[-1]
+            self.state = {"step": last["step"], "minutes": last["minutes"], "curve": curve, "warm_start": last["step"],
+                          "rng": np.random.default_rng(args.seed + last["step"]).bit_generator.state}
+            log.info("warm start from %s at step %d (%.1f training minutes)", args.out, last["step"], last["minutes"])
+            switch_objective(self.state, committed.scheduler.config.prediction_type, args.prediction)
+
+    def step(self) -> float:
+        """One optimiser step on a fresh batch (lr warmed up over 500 steps from the (re)start), then the EMA."""
+        args, state, model = self.args, self.state, self.model
+        for g in self.opt.param_groups:
+            g["lr"] = args.lr * min(1.0, (state["step"] - state.get("warm_start", 0) + 1) / 500)
+        images, captions = training_batch(self.rng, args.batch)
         latents = model.encode_images(images)
         noise = torch.randn_like(latents)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),))
-        noisy = scheduler.add_noise(latents, noise, t)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),))
+        noisy = self.scheduler.add_noise(latents, noise, t)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             pred = model.predict(noisy, t, model.encode_text(captions))
         loss = F.mse_loss(pred.float(), prediction_target(model, latents, noise, t))
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
         with torch.no_grad():  # EMA warmed up from the (re)start, so earlier weights fade out within a few steps
             since = state["step"] - state.get("warm_start", 0)
             decay = min(args.ema, (1 + since) / (10 + since))
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
+            torch._foreach_lerp_(self.ema_params, self.params, 1 - decay)
         state["step"] += 1
-        state["minutes"] += (time.time() - t0) / 60
+        return loss.item()
+
+    def checkpoint(self) -> None:
+        """Score the EMA model (a learning-curve point), then save the state and the EMA weights (diffusers layout)."""
+        args, state = self.args, self.state
+        self.unet.eval(), self.text.eval(), self.ema_unet.eval(), self.ema_text.eval()
+        scores = evaluate(self.ema_model, n=args.eval_n, guidance=args.guidance)
+        state["curve"].append({"minutes": round(state["minutes"], 1), "step": state["step"],
+                               "prediction": args.prediction, **scores})
+        log.info("step %d, %.1f min: %s", state["step"], state["minutes"], scores)
+        state["rng"] = self.rng.bit_generator.state
+        buffer = io.BytesIO()
+        torch.save({"unet": self.unet.state_dict(), "text": self.text.state_dict(),
+                    "ema_unet": self.ema_unet.state_dict(), "ema_text": self.ema_text.state_dict(),
+                    "opt": self.opt.state_dict(), "state": state}, buffer)
+        records.atomic_write(Path(args.state), buffer.getvalue())
+        micro.save(args.out, self.ema_unet, self.ema_text, self.tokenizer, self.scheduler)
+        records.atomic_write(Path(args.out) / "learning_curve.json", json.dumps(state["curve"], indent=1))
+        self.unet.train(), self.text.train()
+
+
+def train(args: argparse.Namespace) -> None:
+    """Train for `--minutes` (or `--steps`), a learning-curve point every `--eval-every` minutes; SIGTERM stops at
+    the next step with a checkpoint."""
+    run = Pretraining(args)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    end = time.time() + args.minutes * 60
+    next_eval = time.time() + args.eval_every * 60
+    bar = tqdm(desc="pretraining micro", unit="step", initial=run.state["step"])
+    run.unet.train(), run.text.train()
+    last_step = run.state["step"] + args.steps if args.steps else None
+    while time.time() < end and not stop and run.state["step"] != last_step:
+        t0 = time.time()
+        loss = run.step()
+        run.state["minutes"] += (time.time() - t0) / 60
         bar.update()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss:.4f}")
         if time.time() >= next_eval:
-            unet.eval(), text_encoder.eval()
-            checkpoint()
-            unet.train(), text_encoder.train()
+            run.checkpoint()
             next_eval = time.time() + args.eval_every * 60
-    checkpoint()
+    run.checkpoint()
 
 
 def check(args: argparse.Namespace) -> None:

@@ -151,24 +151,30 @@ def study(cfg: DictConfig, task, units: list[str], fingerprint: str, trainable: 
 
     start = time.perf_counter()
     opt.optimize(trial_fn, n_trials=int(spec.trials))
+    search = {"low": low, "high": high, "yaml_lr": center, "log_uniform": True}
+    return save_study(cfg, task, units, fingerprint, trainable, trials, search, time.perf_counter() - start)
+
+
+def save_study(cfg: DictConfig, task, units: list[str], fingerprint: str, trainable: int, trials: list[dict],
+               search: dict, seconds: float) -> float:
+    """Write study-<method>.json (every trial) and the best lr into tuned.yaml; returns the best objective."""
     finished = [t for t in trials if t["value"] is not None]
     if not finished:
         raise RuntimeError(f"{cfg.method.name}: no tuning trial finished ({[t['state'] for t in trials]})")
     best = max(finished, key=lambda t: t["value"])
     summary = {
         **entry_key(cfg, fingerprint, trainable), "method": cfg.method.name, "objective": list(task.objective),
-        "units": units, "split": cfg.task.get("split", "test"), "seed": cfg.seed,
-        "search": {"low": low, "high": high, "yaml_lr": center, "log_uniform": True},
+        "units": units, "split": cfg.task.get("split", "test"), "seed": cfg.seed, "search": search,
         "sampler": "log-spaced grid, spread-out order", "pruner": "median (after each unit, 3 startup trials)",
         "trials": trials, "best": {"lr": best["lr"], "value": best["value"], "number": best["number"]},
-        "best_at_edge": best["lr"] in (low, high), "wall_seconds": round(time.perf_counter() - start, 1),
+        "best_at_edge": best["lr"] in (search["low"], search["high"]), "wall_seconds": round(seconds, 1),
     }
     out = Path(cfg.tune.output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     study_file = out / f"study-{cfg.method.name}.json"
     atomic_write(study_file, json.dumps(summary, indent=1))
     entry = {**entry_key(cfg, fingerprint, trainable), "lr": best["lr"], "score": round(best["value"], 4),
-             "yaml_lr": center, "study": study_file.name}
+             "yaml_lr": search["yaml_lr"], "study": study_file.name}
     _update_yaml(out / "tuned.yaml", cfg.method.name, entry)
     log.info("%s: best lr %.3g (objective %.4f, trial %d of %d%s); %s", cfg.method.name, best["lr"], best["value"],
              best["number"], len(trials), ", at the edge of the range" if summary["best_at_edge"] else "", study_file)

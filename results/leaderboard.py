@@ -230,33 +230,13 @@ def analyse(data, metrics: list[str] | None = None, by: Iterable[str] = (), refe
     if df.empty:
         raise RecordError("no runs to rank")
     by = list(by)
-    known = metric_names(df)
-    metrics = list(metrics) if metrics else known
-    for name in metrics:
-        if name not in known:
-            raise RecordError(f"unknown metric {name!r}; known: {', '.join(known) or 'none'}")
-    for column in by:
-        if column not in df:
-            raise RecordError(f"unknown run column {column!r} for by (e.g. run.sweep, method.hparams.<name>)")
+    metrics = _requested_metrics(df, metrics, by)
     info = metric_info(df)
     df = _dedupe(_with_keys(df, by))
     reference = _resolve_reference(df, reference)
     keys = [*KEYS, *by]
 
-    rows, samples = [], []
-    for key, runs in df.groupby(keys, dropna=False, sort=False):
-        ok = runs[runs["run.status"] == "success"]
-        counts = runs["run.status"].value_counts()
-        row = dict(zip(keys, key), n=len(ok), failed=int(counts.get("failed", 0)))
-        row.update({status: int(counts[status]) for status in OTHER_STATUSES if status in counts})
-        lr = _column(ok, "method.lr")
-        row["lr"] = _one(lr if lr.notna().any() else _column(ok, "method.hparams.lr"))
-        row["lr_source"] = ", ".join(map(str, _column(ok, "method.lr_source").dropna().unique()))
-        for column, source in RESOURCES.items():
-            row[column] = _unit_median(ok, source)
-        row["memory_source"] = ", ".join(_column(ok, "train.memory_source").dropna().unique())
-        rows.append(row)
-        samples.append({m: _sample(ok, f"metrics.{m}") for m in metrics})
+    rows, samples = _method_rows(df, keys, metrics)
     for row, sample in _baseline_rows(df, metrics):
         rows.append(row)
         samples.append(sample)
@@ -268,15 +248,7 @@ def analyse(data, metrics: list[str] | None = None, by: Iterable[str] = (), refe
         board[f"{name}_lo"] = [c.lo for c in cis]
         board[f"{name}_hi"] = [c.hi for c in cis]
         board[f"n_{name}"] = [len(s[name]) for s in samples]
-
-    # order: task, the base model first, then the first metric's mean, best first (no data last)
-    tuned = (board["method"] != BASELINE).to_numpy()
-    task_order = pd.factorize(board[list(TASK_KEYS)].astype(str).agg("/".join, axis=1))[0]
-    first = np.zeros(len(board))
-    if metrics:
-        sign = -1.0 if info[metrics[0]]["higher_is_better"] is not False else 1.0
-        first = np.nan_to_num(sign * board[metrics[0]].to_numpy(dtype=float), nan=np.inf)
-    order = np.lexsort([first, tuned, task_order])
+    order = _row_order(board, metrics, info)
     board = board.iloc[order].reset_index(drop=True)
     samples = [samples[i] for i in order]
     sweep = Sweep(board, {(i, m): s[m] for i, s in enumerate(samples) for m in metrics})
@@ -304,6 +276,49 @@ def analyse(data, metrics: list[str] | None = None, by: Iterable[str] = (), refe
     )
     sweep.board = board
     return sweep
+
+
+def _requested_metrics(df: pd.DataFrame, metrics: list[str] | None, by: list[str]) -> list[str]:
+    """The metrics to show (all the records have, by default); an unknown metric or `by` column is an error."""
+    known = metric_names(df)
+    metrics = list(metrics) if metrics else known
+    for name in metrics:
+        if name not in known:
+            raise RecordError(f"unknown metric {name!r}; known: {', '.join(known) or 'none'}")
+    for column in by:
+        if column not in df:
+            raise RecordError(f"unknown run column {column!r} for by (e.g. run.sweep, method.hparams.<name>)")
+    return metrics
+
+
+def _method_rows(df: pd.DataFrame, keys: list[str], metrics: list[str]) -> tuple[list[dict], list[dict]]:
+    """One row per method key (counts, lr, costs) and its metric samples (successful runs only)."""
+    rows, samples = [], []
+    for key, runs in df.groupby(keys, dropna=False, sort=False):
+        ok = runs[runs["run.status"] == "success"]
+        counts = runs["run.status"].value_counts()
+        row = dict(zip(keys, key), n=len(ok), failed=int(counts.get("failed", 0)))
+        row.update({status: int(counts[status]) for status in OTHER_STATUSES if status in counts})
+        lr = _column(ok, "method.lr")
+        row["lr"] = _one(lr if lr.notna().any() else _column(ok, "method.hparams.lr"))
+        row["lr_source"] = ", ".join(map(str, _column(ok, "method.lr_source").dropna().unique()))
+        for column, source in RESOURCES.items():
+            row[column] = _unit_median(ok, source)
+        row["memory_source"] = ", ".join(_column(ok, "train.memory_source").dropna().unique())
+        rows.append(row)
+        samples.append({m: _sample(ok, f"metrics.{m}") for m in metrics})
+    return rows, samples
+
+
+def _row_order(board: pd.DataFrame, metrics: list[str], info: dict) -> np.ndarray:
+    """Task, the base model first, then the first metric's mean, best first (no data last)."""
+    tuned = (board["method"] != BASELINE).to_numpy()
+    task_order = pd.factorize(board[list(TASK_KEYS)].astype(str).agg("/".join, axis=1))[0]
+    first = np.zeros(len(board))
+    if metrics:
+        sign = -1.0 if info[metrics[0]]["higher_is_better"] is not False else 1.0
+        first = np.nan_to_num(sign * board[metrics[0]].to_numpy(dtype=float), nan=np.inf)
+    return np.lexsort([first, tuned, task_order])
 
 
 def _block_level(sweep: Sweep, task: str) -> str:

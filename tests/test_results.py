@@ -163,6 +163,7 @@ KILLED_WRITER = """
 import importlib.util, sys
 spec = importlib.util.spec_from_file_location("record", sys.argv[1])
 record = importlib.util.module_from_spec(spec)
+sys.modules["record"] = record  # its dataclasses look their module up
 spec.loader.exec_module(record)
 base = {"run": {"id": "r", "status": "running", "config_hash": "h", "seed": 0}, "task": {"name": "t"},
         "method": {"name": "m"}, "meta": {"pad": "x" * 200_000}}
@@ -602,7 +603,8 @@ def test_paper_view_for_control_tasks(tmp_path):
 
 
 def test_paper_tables_listed_and_published_alone():
-    assert papers.available() == ["boft_table6", "boft_table9", "oft_table1", "oft_table2", "oft_table3"]
+    assert papers.available() == ["boft_table6", "boft_table9", "delora_table2", "delora_table3", "hra_table4_control",
+                                  "hra_table4_subject", "oft_table1", "oft_table2", "oft_table3"]
     text = papers.render(papers.load_paper("boft_table6"))
     assert "Liu et al." in text and "| BOFT m=4, r=8" in text and "5.667" in text
 
@@ -650,7 +652,7 @@ def test_cli_pareto_paper_report(runs, tmp_path, capsys):
                            capsys=capsys)
     assert code == 0 and "Pareto front (subject_fidelity vs params): " in out and (tmp_path / "p.png").is_file()
     code, out, _ = run_cli("paper", "--list", capsys=capsys)
-    assert code == 0 and "oft_table1: OFT Table 1" in out and len(out.splitlines()) == 5
+    assert code == 0 and "oft_table1: OFT Table 1" in out and len(out.splitlines()) == 9
     code, out, _ = run_cli("paper", "oft_table1", runs, capsys=capsys)
     assert code == 0 and "micro analogue of DINO" in out
     code, out, _ = run_cli("report", runs, "-o", tmp_path / "r.html", capsys=capsys)
