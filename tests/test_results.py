@@ -683,7 +683,9 @@ def test_cli_bad_input_is_one_line_exit_2(case, expected, runs, tmp_path, capsys
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1 and out == ""
 
 
+@pytest.mark.slow
 def test_cli_module_exits_2_without_traceback(tmp_path):
+    """End to end: a fresh `python -m results` process prints the one line (test_cli_bad_input_...: in-process)."""
     done = subprocess.run([sys.executable, "-m", "results", "leaderboard", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2 and "Traceback" not in done.stderr
