@@ -23,6 +23,7 @@ from torch import nn
 from methods.base import Adapter, LayerShape
 from methods.cost import skinny
 from methods.errors import fail
+from methods.hparams import positive_number
 from methods.registry import register
 from methods.svfit import spectrum_rank
 
@@ -58,11 +59,9 @@ class LoLDU(Adapter):
 
     @classmethod
     def resolve(cls, shape: LayerShape, hp: dict) -> dict:
-        alpha, train_scale = hp["alpha"], hp["train_scale"]
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-            raise fail("alpha", alpha, "must be a positive number", shape.name, "numbers > 0 (σ₀ = alpha / rank)")
-        if not isinstance(train_scale, bool):
-            raise fail("train_scale", train_scale, "must be a boolean", shape.name, "true, false")
+        positive_number("alpha", hp["alpha"], shape, "numbers > 0 (σ₀ = alpha / rank)")
+        if not isinstance(hp["train_scale"], bool):
+            raise fail("train_scale", hp["train_scale"], "must be a boolean", shape.name, "true, false")
         return {**hp, "rank": spectrum_rank(shape, hp["rank"])}
 
     @classmethod

@@ -26,10 +26,11 @@ from torch import nn
 
 from methods.base import Adapter, LayerShape
 from methods.errors import fail
-from methods.hparams import positive_int
+from methods.hparams import positive_int, positive_number
 from methods.registry import register
 
 RELU = ("matrix", "values")
+FRACTIONS = "fractions of min(d_in, d_out) in (0, 1]"
 
 
 def salt_ranks(shape: LayerShape, hp: dict) -> tuple[int, int, int]:
@@ -66,10 +67,9 @@ class SALT(Adapter):
 
     @classmethod
     def resolve(cls, shape: LayerShape, hp: dict) -> dict:
-        f = hp["top_fraction"]
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
-            raise fail("top_fraction", f, "must be a number in (0, 1]", shape.name,
-                       "fractions of min(d_in, d_out) in (0, 1]")
+        fraction = positive_number("top_fraction", hp["top_fraction"], shape, FRACTIONS)
+        if fraction > 1:
+            raise fail("top_fraction", fraction, "must be at most 1", shape.name, FRACTIONS)
         if hp["relu"] not in RELU:
             raise fail("relu", hp["relu"], "is not a ReLU placement", shape.name, list(RELU))
         return {**hp, "lora_rank": positive_int("lora_rank", hp["lora_rank"], shape)}
