@@ -52,7 +52,8 @@ ADAPTER = "default"  # the adapter name inside each one-layer peft model
 # hyper-parameters of a method; besides these, every field peft's PeftConfig itself has, and the *_pattern maps
 HARNESS_FIELDS = frozenset({"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
                             "modules_to_save", "bias", "fan_in_fan_out", "save_projection"})
-KNOBS = {"FOURIERFT": "n_frequency", "WAVEFT": "n_frequency"}  # the size knob where it is not `r`
+KNOBS = {"FOURIERFT": "n_frequency", "WAVEFT": "n_frequency", "C3A": "block_size", "BOFT": "boft_block_size",
+         "ROAD": "group_size"}  # the size knob where it is not `r`
 DENSE_UP_TO = 64  # size options: every value up to this, then steps of 5% (the budget picks among them)
 GROWTH = 1.05
 
@@ -142,12 +143,17 @@ def _count(peft_type: str, fields_json: str, kind: str, weight_shape: tuple) -> 
     return sum(p.numel() for p in tuner.parameters() if p.requires_grad)
 
 
+def counted(peft_type: str, fields: dict, shape: LayerShape) -> int | str:
+    """peft's trainable count on a layer of this shape, or its reason (one line) where it cannot build it."""
+    return _count(peft_type, json.dumps(fields, sort_keys=True), shape.kind, tuple(shape.weight_shape))
+
+
 def count_on(peft_type: str, fields: dict, shape: LayerShape, knob: str) -> int:
-    counted = _count(peft_type, json.dumps(fields, sort_keys=True), shape.kind, tuple(shape.weight_shape))
-    if isinstance(counted, str):
-        raise fail(knob, fields.get(knob), f"cannot be built by peft {peft.__version__}'s {peft_type} ({counted})",
+    count = counted(peft_type, fields, shape)
+    if isinstance(count, str):
+        raise fail(knob, fields.get(knob), f"cannot be built by peft {peft.__version__}'s {peft_type} ({count})",
                    shape.name, "a size and config peft accepts on this layer")
-    return counted
+    return count
 
 
 def size_values(limit: int) -> list[int]:
@@ -216,18 +222,16 @@ class PeftTuner(Adapter):
         skips sizes that fail, so it would otherwise find none and not say why)."""
         peft_type, field, knob = cls.tuner_of(hp), cls.size_field(hp), cls.knob(hp)
         values = size_values(cls.size_limit(shapes, knob))
-        for shape in {s.weight_shape: s for s in shapes}.values():
-            problems = []
-            for value in values:
-                try:
-                    count_on(peft_type, cls.fields_of({**hp, field: value}), shape, knob)
-                    break
-                except MethodError as e:
-                    problems.append(str(e))
-            else:
-                why = problems[0].partition(" (")[2].rpartition(" of ")[0] or problems[0]
-                raise fail("target_modules", shape.name, f"cannot be wrapped by peft {peft.__version__}'s "
-                           f"{peft_type} at any {knob} ({why}", "", "layers this tuner wraps")
+        first_of_each_shape = {}
+        for shape in shapes:
+            first_of_each_shape.setdefault(shape.weight_shape, shape)
+        for shape in first_of_each_shape.values():
+            outcomes = (counted(peft_type, cls.fields_of({**hp, field: v}), shape) for v in values)
+            first = next(outcomes)
+            if isinstance(first, int) or any(isinstance(outcome, int) for outcome in outcomes):
+                continue
+            raise fail("target_modules", shape.name, f"cannot be wrapped by peft {peft.__version__}'s {peft_type} "
+                       f"at any {knob} ({first})", "", "layers this tuner wraps")
         return [{field: v} for v in values]
 
     def __init__(self, layer, shape, hp, variant=None):
@@ -279,7 +283,7 @@ class PeftTuner(Adapter):
 
 @register("peft")
 class GenericPeft(PeftTuner):
-    """Any tuner of the installed peft: `peft_type` (peft's name, e.g. C3A), `size` (its size knob's value: null
+    """Any tuner of the installed peft: `peft_type` (peft's PeftType name, e.g. C3A), `size` (its size knob's value: null
     for peft's default) and `config` (more fields of its config)."""
 
     defaults = {"peft_type": "LORA", "size": None, "config": {}, "peft_config": None}
@@ -289,11 +293,10 @@ class GenericPeft(PeftTuner):
     @classmethod
     def tuner_of(cls, hp: dict) -> str:
         peft_type = hp["peft_type"]
-        name = peft_type.upper() if isinstance(peft_type, str) else peft_type
-        if name not in tuners():
+        if peft_type not in tuners():
             raise fail("peft_type", peft_type, f"is not a layer tuner of peft {peft.__version__} with a size knob",
                        "", tuners())
-        return name
+        return peft_type
 
     @classmethod
     def size_field(cls, hp: dict) -> str:
@@ -307,7 +310,7 @@ class GenericPeft(PeftTuner):
     def resolve(cls, shape: LayerShape, hp: dict) -> dict:
         if hp["size"] is not None:
             positive_int("size", hp["size"], shape)
-        return {**super().resolve(shape, hp), "peft_type": cls.tuner_of(hp)}
+        return super().resolve(shape, hp)
 
     @classmethod
     def fields_of(cls, hp: dict) -> dict:
