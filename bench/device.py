@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -22,3 +23,12 @@ def autocast(device: torch.device | str, precision: str):
     dtype = PRECISIONS[precision]
     device_type = device.type if isinstance(device, torch.device) else device
     return torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def threads(requested: int | None, parallel_jobs: int = 1) -> int:
+    """torch's intra-op threads for one job: `requested`, else the cores this process may use divided by the jobs
+    that run side by side (a local joblib sweep's n_jobs). torch's own default takes every core in every job, and
+    jobs whose threads outnumber the cores spin against each other (docs/architecture.md, "Threads")."""
+    if requested:
+        return int(requested)
+    return max(1, len(os.sched_getaffinity(0)) // max(1, int(parallel_jobs)))

@@ -93,8 +93,7 @@ def load(cfg: DictConfig, job_dir: Path, overrides: list[str]) -> tuple[Job, int
     directory is removed when nothing was recorded in it."""
     try:
         check_config(cfg, overrides)  # every value, before any model loads (bench/validate.py)
-        if cfg.get("threads"):
-            torch.set_num_threads(int(cfg.threads))
+        torch.set_num_threads(devices.threads(cfg.get("threads"), parallel_jobs()))
         task = tasks.create(cfg.task)
         method = run_method.for_config(cfg)
         model = models.load(cfg.model.path, device=devices.pick(cfg.device), name=cfg.model.name)
@@ -106,6 +105,14 @@ def load(cfg: DictConfig, job_dir: Path, overrides: list[str]) -> tuple[Job, int
         message = from_method_error(str(e), cfg, typed_keys(overrides)) if isinstance(e, methods.MethodError) else e
         raise UsageError(str(message)) from None
     return Job(cfg, task, model, method, model_fingerprint(model), job_dir), summary["trainable_params"]
+
+
+def parallel_jobs() -> int:
+    """How many jobs of this sweep run side by side on this machine: the local launcher's n_jobs, else 1."""
+    if not HydraConfig.initialized():
+        return 1
+    launcher = HydraConfig.get().launcher
+    return int(launcher.get("n_jobs") or 1) if "joblib" in str(launcher.get("_target_", "")).lower() else 1
 
 
 def discard_empty(job_dir: Path) -> None:

@@ -31,7 +31,6 @@ from .record import (
     RecordError,
     config_hash,
     environment,
-    find_record,
     read_records,
     write_record,
     write_table,
@@ -39,7 +38,7 @@ from .record import (
 
 __all__ = [
     "BASELINE", "GROUP_KEYS", "RESOURCES", "SCHEMA_VERSION", "RecordError", "analyse", "bootstrap_ci", "config_hash",
-    "critical_differences", "display", "environment", "failures", "find_record", "frame", "leaderboard", "load",
+    "critical_differences", "display", "environment", "failures", "frame", "leaderboard", "load",
     "metric_info", "metric_names", "notes", "papers", "pareto", "read_records", "report", "run_summary", "stats",
     "to_csv", "to_html", "to_latex", "to_markdown", "validity", "write_record", "write_table",
 ]

@@ -293,22 +293,3 @@ def read_records(paths: list[str | Path]) -> list[dict]:
         why = f" ({len(skipped)} unreadable, e.g. {skipped[0]})" if skipped else ""
         raise RecordError(f"no records ({RECORD_NAME}) found under {', '.join(map(str, paths)) or 'no paths'}{why}")
     return found
-
-
-def find_record(root: str | Path, config_hash: str) -> dict | None:
-    """The record under root with this config hash (a successful one first, else the newest), or None."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    matches = []
-    for path in sorted(root.rglob(RECORD_NAME)):
-        try:
-            record = read_record(path)
-        except (RecordError, OSError) as e:
-            log.warning("ignoring unreadable record: %s", e)
-            continue
-        if record["run"]["config_hash"] == config_hash:
-            matches.append(record)
-    if not matches:
-        return None
-    return max(matches, key=lambda r: (r["run"]["status"] == "success", r["run"].get("created_at") or ""))

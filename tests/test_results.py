@@ -215,19 +215,6 @@ def test_read_records_ignores_temporary_files(tmp_path):
     assert len(results.read_records([tmp_path, tmp_path / "sweep_a"])) == 1  # found twice, read once
 
 
-def test_find_record_for_resume(tmp_path):
-    failed = make_record(status="failed")
-    write_run(tmp_path, failed)
-    wanted = failed["run"]["config_hash"]
-    assert results.find_record(tmp_path, wanted)["run"]["status"] == "failed"
-    write_run(tmp_path, make_record(sweep="rerun"))
-    assert results.find_record(tmp_path, wanted)["run"]["status"] == "success"
-    assert results.find_record(tmp_path, "0" * 16) is None
-    assert results.find_record(tmp_path / "nowhere", wanted) is None
-
-
-# ---------------------------------------------------------------- leaderboard
-
 def test_load_flattens_one_row_per_run(runs):
     df = results.load([runs])
     assert len(df) == 12 + 1 + 2 + 1
