@@ -120,13 +120,24 @@ class Bool(Rule):
         return None if isinstance(value, bool) else f"{_show(value)} is not a boolean"
 
 
-class Text(Rule):
-    def __init__(self, null: bool = False, allowed: str = "a non-empty string"):
-        self.null, self.allowed = null, allowed + (", or null" if null else "")
+class Described(Rule):
+    """A rule whose allowed values are a description, `what` (", or null" added where null is allowed)."""
+    what = ""
+
+    def __init__(self, null: bool = False, allowed: str | None = None):
+        self.null, self.allowed = null, (allowed or self.what) + (", or null" if null else "")
 
     def problem(self, value):
-        if value is None and self.null:
-            return None
+        return None if value is None and self.null else self.wrong(value)
+
+    def wrong(self, value) -> str | None:
+        raise NotImplementedError
+
+
+class Text(Described):
+    what = "a non-empty string"
+
+    def wrong(self, value):
         if value == "???":
             return "is missing (???)"
         if not isinstance(value, str) or not value.strip():
@@ -134,13 +145,10 @@ class Text(Rule):
         return None
 
 
-class Names(Rule):
-    def __init__(self, null: bool = False, allowed: str = "a non-empty list of names"):
-        self.null, self.allowed = null, allowed + (", or null" if null else "")
+class Names(Described):
+    what = "a non-empty list of names"
 
-    def problem(self, value):
-        if value is None and self.null:
-            return None
+    def wrong(self, value):
         if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
             return f"{_show(value)} is not a non-empty list of names"
         return None

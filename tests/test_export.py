@@ -55,6 +55,15 @@ def out(unet, x, t, hidden):
     return unet(x, t, encoder_hidden_states=hidden).sample
 
 
+def adapted_out(model, run, x, t, hidden):
+    """The UNet's output with the run's saved adapter loaded (detached again after)."""
+    methods.load(model.unet, run / "adapter")
+    try:
+        return out(model.unet, x, t, hidden)
+    finally:
+        methods.detach(model.unet)
+
+
 def assert_same_and_not_base(theirs, ours, base):
     assert (ours - base).abs().max() > EFFECT, "the adapter does not change the output: the test would prove nothing"
     assert (theirs - ours).abs().max() <= TOL
@@ -226,11 +235,7 @@ def test_merged_export_of_a_stable_diffusion_run_is_its_pipeline_folder(tmp_path
     assert export.main([str(run), "--to", "merged", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "vae").is_dir() and not (tmp_path / "out" / f"{export.MICRO_PIPELINE}.py").exists()
     x, t, h = inputs(model)
-    methods.load(model.unet, run / "adapter")
-    try:
-        ours = out(model.unet, x, t, h)
-    finally:
-        methods.detach(model.unet)
+    ours = adapted_out(model, run, x, t, h)
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "out", safety_checker=None)
     assert_same_and_not_base(out(pipe.unet, x, t, h), ours, out(model.unet, x, t, h))
     assert (generate(models.load(tmp_path / "out"), PROMPTS, [5, 6], steps=2)
@@ -242,11 +247,7 @@ def test_peft_and_diffusers_exports_of_a_run(micro, tmp_path):
 
     run = fake_run(tmp_path / "run", micro, "dora")
     x, t, h = inputs(micro)
-    methods.load(micro.unet, run / "adapter")
-    try:
-        ours = out(micro.unet, x, t, h)
-    finally:
-        methods.detach(micro.unet)
+    ours = adapted_out(micro, run, x, t, h)
     base = out(micro.unet, x, t, h)
     assert export.main([str(run), "--to", "peft", str(tmp_path / "peft")]) == 0
     fresh = models.load("micro").unet
