@@ -273,12 +273,10 @@ class DreamBench:
         dino, clip, lpips = self.scorers()
         real = self.real_images(unit)
         texts = [r.prompt.replace(f"{self.token} ", "") for r in requests]
-        clip_t = clip.text_scores(images, texts)
-        dino_gen, dino_real = dino.embed(images), dino.embed(real)
-        clip_gen, clip_real = clip.embed(images), clip.embed(real)
-        rows = [{"subject": unit, "prompt": r.prompt, "seed": r.seed,
-                 "dino": float((dino_gen[i] @ dino_real.T).mean()), "clip_i": float((clip_gen[i] @ clip_real.T).mean()),
-                 "clip_t": float(clip_t[i])} for i, r in enumerate(requests)]
+        per_image = {"dino": dino.scores(images, real), "clip_i": clip.image_scores(images, real),
+                     "clip_t": clip.text_scores(images, texts)}
+        rows = [{"subject": unit, "prompt": r.prompt, "seed": r.seed, **{k: float(v[i]) for k, v in per_image.items()}}
+                for i, r in enumerate(requests)]
         metrics = {k: float(np.mean([row[k] for row in rows])) for k in ("dino", "clip_i", "clip_t")}
         if lpips is not None:
             groups: dict[str, list[int]] = {}

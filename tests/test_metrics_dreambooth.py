@@ -10,7 +10,7 @@ from huggingface_hub import constants
 from PIL import Image
 
 from tasks.metrics.backbones import MetricBackboneError
-from tasks.metrics.dreambooth import IMAGENET_MEAN, ClipScorer, DinoScorer, LpipsScorer, drift, mean_pairwise_cosine
+from tasks.metrics.dreambooth import IMAGENET_MEAN, ClipScorer, DinoScorer, LpipsScorer, cosine_to_references, drift
 
 from test_metrics_backbones import fake_hub_cache
 
@@ -62,18 +62,23 @@ def test_dino_embeddings_come_from_the_saved_weights(dino, dino_scorer):
 
 
 def test_dino_score_is_one_for_identical_sets_and_depends_on_the_images(dino_scorer):
+    def dino(generated, real):
+        return float(dino_scorer.scores(generated, real).mean())
+
     subject = rand_images(1, seed=2)
-    assert dino_scorer.score(subject.expand(3, -1, -1, -1), subject.expand(2, -1, -1, -1)) == pytest.approx(1, abs=1e-5)
+    assert dino(subject.expand(3, -1, -1, -1), subject.expand(2, -1, -1, -1)) == pytest.approx(1, abs=1e-5)
     generated, real, other = rand_images(4, seed=3), rand_images(3, seed=4), rand_images(3, seed=22) ** 4
-    assert dino_scorer.score(generated, real) == pytest.approx(dino_scorer.score(real, generated), abs=1e-6)
-    assert dino_scorer.score(generated, real) != pytest.approx(dino_scorer.score(generated, other), abs=1e-4)
+    assert dino(generated, real) == pytest.approx(dino(real, generated), abs=1e-6)  # the mean over all pairs
+    assert dino(generated, real) != pytest.approx(dino(generated, other), abs=1e-4)
+    assert dino_scorer.scores(generated, real).shape == (4,)  # one value per generated image (metrics.csv rows)
 
 
-def test_mean_pairwise_cosine_by_hand():
+def test_cosine_to_references_by_hand():
     a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     b = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
     # cosines: (1, 0) . (1, 0) = 1, (1, 0) . (1, 1)/sqrt2, (0, 1) . (1, 0) = 0, (0, 1) . (1, 1)/sqrt2
-    assert mean_pairwise_cosine(a, b) == pytest.approx((1 + 2 / math.sqrt(2)) / 4)
+    expected = torch.tensor([(1 + 1 / math.sqrt(2)) / 2, (1 / math.sqrt(2)) / 2])
+    torch.testing.assert_close(cosine_to_references(a, b), expected)
 
 
 def test_dino_without_processor_config_uses_the_standard_dino_normalisation(tmp_path):
@@ -171,10 +176,10 @@ def test_clip_hub_layout_directory_loads_the_same_model(clip, clip_scorer):
 
 def test_clip_i_is_one_for_identical_sets_and_depends_on_the_images(clip_scorer):
     subject = rand_images(1, seed=10)
-    assert clip_scorer.image_score(subject.expand(2, -1, -1, -1), subject) == pytest.approx(1, abs=1e-5)
+    assert float(clip_scorer.image_scores(subject.expand(2, -1, -1, -1), subject).mean()) == pytest.approx(1, abs=1e-5)
     generated, real, other = rand_images(3, seed=11), rand_images(2, seed=12), rand_images(2, seed=23) ** 4
-    score = clip_scorer.image_score(generated, real)
-    assert score != pytest.approx(clip_scorer.image_score(generated, other), abs=1e-4)
+    score = float(clip_scorer.image_scores(generated, real).mean())
+    assert score != pytest.approx(float(clip_scorer.image_scores(generated, other).mean()), abs=1e-4)
 
 
 def test_clip_t_is_the_raw_cosine_of_each_image_with_its_prompt(clip_scorer):
@@ -184,11 +189,10 @@ def test_clip_t_is_the_raw_cosine_of_each_image_with_its_prompt(clip_scorer):
     expected = (clip_scorer.embed(images) * clip_scorer.embed_text(prompts)).sum(dim=-1)
     torch.testing.assert_close(scores, expected)
     assert scores.shape == (3,) and bool((scores.abs() <= 1).all())
-    assert clip_scorer.text_score(images, prompts) == pytest.approx(float(scores.mean()))
     torch.testing.assert_close(clip_scorer.text_scores(images, prompts), scores, atol=0, rtol=0)  # deterministic
     assert not torch.allclose(clip_scorer.text_scores(images, prompts[::-1]), scores)
     with pytest.raises(ValueError, match=r"^prompts: expected one prompt per image \(3\), got 2$"):
-        clip_scorer.text_score(images, prompts[:2])
+        clip_scorer.text_scores(images, prompts[:2])
 
 
 def test_clip_errors_name_the_field(clip, tmp_path):

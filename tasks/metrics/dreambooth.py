@@ -31,7 +31,7 @@ from torch import Tensor
 from ._images import batches, check_images, to_pil
 from .backbones import MetricBackboneError, image_processor_or, loading, require_file, resolve_backbone
 
-__all__ = ["ClipScorer", "DinoScorer", "Embedder", "LpipsScorer", "drift", "mean_pairwise_cosine"]
+__all__ = ["ClipScorer", "DinoScorer", "Embedder", "LpipsScorer", "cosine_to_references", "drift"]
 
 # The standard DINO evaluation normalisation (ImageNet statistics), used when a checkpoint has no processor config.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -45,9 +45,10 @@ class Embedder(Protocol):
     def embed(self, images: Tensor) -> Tensor: ...
 
 
-def mean_pairwise_cosine(a: Tensor, b: Tensor) -> float:
-    """mean_{i, j} cos(a_i, b_j) over all pairs of rows of a (N, D) and b (M, D)."""
-    return float((F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T).mean())
+def cosine_to_references(a: Tensor, b: Tensor) -> Tensor:
+    """(N,): mean_j cos(a_i, b_j) of each row of a (N, D) over every row of b (M, D); its mean is the mean over all
+    pairs, the DreamBench DINO / CLIP-I score."""
+    return (F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T).mean(dim=1)
 
 
 class DinoScorer:
@@ -91,9 +92,9 @@ class DinoScorer:
             parts.append(hidden[:, 0].float().cpu())
         return F.normalize(torch.cat(parts), dim=-1)
 
-    def score(self, generated: Tensor, real: Tensor) -> float:
-        """DINO = mean cosine over all (generated, real) pairs."""
-        return mean_pairwise_cosine(self.embed(generated), self.embed(real))
+    def scores(self, generated: Tensor, real: Tensor) -> Tensor:
+        """Per generated image (N,): its mean DINO cosine to the real images; DINO is their mean."""
+        return cosine_to_references(self.embed(generated), self.embed(real))
 
 
 def _default_dino_processor():
@@ -176,19 +177,16 @@ class ClipScorer:
             parts.append(self.model.encode_text(tokens).float().cpu())
         return F.normalize(torch.cat(parts), dim=-1)
 
-    def image_score(self, generated: Tensor, real: Tensor) -> float:
-        """CLIP-I = mean cosine over all (generated, real) pairs of image embeddings."""
-        return mean_pairwise_cosine(self.embed(generated), self.embed(real))
+    def image_scores(self, generated: Tensor, real: Tensor) -> Tensor:
+        """Per generated image (N,): its mean CLIP image-embedding cosine to the real images; CLIP-I is their mean."""
+        return cosine_to_references(self.embed(generated), self.embed(real))
 
     def text_scores(self, images: Tensor, prompts: list[str]) -> Tensor:
-        """Per-image CLIP-T (N,): cos(image_i, prompt_i), raw cosine in [-1, 1]."""
+        """Per-image CLIP-T (N,): cos(image_i, prompt_i), raw cosine in [-1, 1]; CLIP-T is their mean (the ~0.24
+        scale of OFT Table 1)."""
         if len(prompts) != len(images):
             raise ValueError(f"prompts: expected one prompt per image ({len(images)}), got {len(prompts)}")
         return (self.embed(images) * self.embed_text(prompts)).sum(dim=-1)
-
-    def text_score(self, images: Tensor, prompts: list[str]) -> float:
-        """CLIP-T = mean over images of cos(image_i, prompt_i) (raw cosine, the ~0.24 scale of OFT Table 1)."""
-        return float(self.text_scores(images, prompts).mean())
 
 
 # LPIPS v0.1 (Zhang et al., CVPR 2018) with its default AlexNet backbone. The indices of the ReLUs in
