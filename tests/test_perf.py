@@ -278,6 +278,19 @@ def test_cpu_allocation_tracker_sees_the_peak():
     assert c.numel() == 1
 
 
+def test_one_meter_two_cpu_sources():
+    """Run records read the resident set (the default), bench.perf the allocation tracker; each says which."""
+    with PeakMemory(torch.device("cpu")) as rss:
+        held = torch.ones(16 * 2**20)  # 64 MiB, its pages written
+    assert rss.source == "rss" and rss.before > 0 and rss.increase >= 60 * 2**20
+    with PeakMemory(torch.device("cpu"), cpu="allocations") as tracked:
+        torch.ones(2**20)  # 4 MiB, freed at once
+    assert tracked.source == "allocations" and tracked.before == 0 and tracked.peak == 4 * 2**20
+    with pytest.raises(ValueError, match="cpu: 'vms'; allowed: rss, allocations"):
+        PeakMemory(torch.device("cpu"), cpu="vms")
+    del held
+
+
 def test_layer_memory_counts_what_the_call_holds():
     layer = nn.Linear(64, 32, bias=False).requires_grad_(False)
     x = torch.randn(2, 50, 64, requires_grad=True)

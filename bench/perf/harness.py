@@ -38,9 +38,9 @@ def peft_methods() -> tuple[str, ...]:
 
 
 def attach_micro(unet, name: str) -> tuple[DictConfig, dict]:
-    """Attach a method to a micro UNet as a micro run does (`bench.method.for_config(cfg).attach` with the composed config of
-    `method=<name> model=micro`: the model's targets, every method sized to its budget); returns that config's method
-    group and the attach summary."""
+    """Attach a method to a micro UNet as a micro run does (`bench.method.for_config(cfg).attach` with the composed
+    config of `method=<name> model=micro`: the model's targets, every method sized to its budget); returns that
+    config's method group and the attach summary."""
     from hydra import compose, initialize_config_dir
 
     from bench.method import for_config

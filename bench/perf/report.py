@@ -35,74 +35,84 @@ def header(result: dict) -> list[str]:
     return lines
 
 
-def _time_table(layers: list[dict], keys: list[str]) -> list[str]:
-    """Time / frozen layer per variant and case, with the side "auto" took; ✗ above the target where it holds."""
+def _rows(layers: list[dict], keys: list[str], cell_of, needs=lambda key: key) -> list[str]:
+    """A row per key, a column per case: `cell_of(key)(case)`, or "–" where the case lacks the variant
+    `needs(key)`."""
     rows = []
     for key in keys:
-        cells = []
-        for r in layers:
-            v = r["variants"].get(key)
-            if v is None:
-                cells.append("–")
-                continue
-            cell = _cell(v["time_vs_frozen"]["ratio"], layer_target(key) if r["targeted"] else None)
-            cells.append(cell + (f" {v['side'][0]}" if v.get("side") else ""))
-        rows.append(_row(key, cells))
+        cell = cell_of(key)
+        rows.append(_row(key, [cell(r) if needs(key) in r["variants"] else "–" for r in layers]))
     return rows
 
 
-def _sides_table(layers: list[dict], sided: list[str]) -> list[str]:
+def _time_cell(key: str):
+    """Time / frozen layer, with the side "auto" took; ✗ above the method's target where it holds."""
+
+    def cell(case: dict) -> str:
+        v = case["variants"][key]
+        text = _cell(v["time_vs_frozen"]["ratio"], layer_target(key) if case["targeted"] else None)
+        return text + (f" {v['side'][0]}" if v.get("side") else "")
+
+    return cell
+
+
+def _sides_cell(name: str):
     """Each side forced (input / weight, time / frozen layer); ✓ where "auto" was within AUTO_SLACK of the faster."""
-    rows = []
-    for n in sided:
-        cells = []
-        for r in layers:
-            v = r["variants"]
-            if f"{n}:input" not in v:
-                cells.append("–")
-                continue
-            ok = v[n]["auto_vs_best_side"]["ratio"] <= AUTO_SLACK
-            cells.append(f"{v[f'{n}:input']['time_vs_frozen']['ratio']:.2f} / "
-                         f"{v[f'{n}:weight']['time_vs_frozen']['ratio']:.2f} {'✓' if ok else '✗'}")
-        rows.append(_row(n, cells))
-    return rows
+
+    def cell(case: dict) -> str:
+        v = case["variants"]
+        ok = v[name]["auto_vs_best_side"]["ratio"] <= AUTO_SLACK
+        return (f"{v[f'{name}:input']['time_vs_frozen']['ratio']:.2f} / "
+                f"{v[f'{name}:weight']['time_vs_frozen']['ratio']:.2f} {'✓' if ok else '✗'}")
+
+    return cell
 
 
-def _peft_table(layers: list[dict], with_peft: list[str]) -> list[str]:
+def _memory_cell(key: str):
+    """Peak memory / frozen layer."""
+    return lambda case: f"{case['variants'][key]['memory_vs_frozen']:.2f}×"
+
+
+def _peft_cell(name: str):
     """Ours / peft's layer: time, memory; ✗ above the method's `peft_perf_target`."""
-    rows = []
-    for n in with_peft:
-        t_target, m_target = peft_target(n) or (None, None)
-        cells = [f"{_cell(r['variants'][n]['time_vs_peft']['ratio'], t_target)}, "
-                 f"{_cell(r['variants'][n]['memory_vs_peft'], m_target)}" for r in layers]
-        rows.append(_row(n, cells))
-    return rows
+    t_target, m_target = peft_target(name) or (None, None)
+
+    def cell(case: dict) -> str:
+        v = case["variants"][name]
+        return f"{_cell(v['time_vs_peft']['ratio'], t_target)}, {_cell(v['memory_vs_peft'], m_target)}"
+
+    return cell
 
 
-def layer_section(result: dict) -> list[str]:
-    layers, names = result["layer"], result["methods"]
-    with_peft = [n for n in names if any(f"peft:{n}" in r["variants"] for r in layers)]
-    keys = [*names, *(f"peft:{n}" for n in with_peft)]
-    table = [_row("method", [r["name"] for r in layers]), "|---|" + "---|" * len(layers)]
+def _layer_aims(names: list[str]) -> str:
+    """"lora, oft ≤ 1.3×; mobius ≤ 2.0×": the methods grouped by their one-layer time target."""
     by_target: dict[float, list[str]] = {}
     for n in names:
         if layer_target(n) is not None:
             by_target.setdefault(layer_target(n), []).append(n)
-    aims = "; ".join(f"{', '.join(ns)} ≤ {t:.1f}×" for t, ns in sorted(by_target.items()))
+    return "; ".join(f"{', '.join(ns)} ≤ {t:.1f}×" for t, ns in sorted(by_target.items())) or "none"
+
+
+def layer_section(result: dict) -> list[str]:
+    """The four one-layer tables: time, each side forced, peak memory (each / frozen layer), ours / peft."""
+    layers, names = result["layer"], result["methods"]
+    with_peft = [n for n in names if any(f"peft:{n}" in r["variants"] for r in layers)]
+    keys = [*names, *(f"peft:{n}" for n in with_peft)]
+    table = [_row("method", [r["name"] for r in layers]), "|---|" + "---|" * len(layers)]
     lines = ["", "## One layer: forward+backward time / frozen layer (side auto picked: i = input, w = weight)", "",
-             f"Targets at ≥ {TARGET_MIN_TOKENS} tokens: {aims or 'none'}.", "", *table, *_time_table(layers, keys)]
+             f"Targets at ≥ {TARGET_MIN_TOKENS} tokens: {_layer_aims(names)}.", "", *table,
+             *_rows(layers, keys, _time_cell)]
     sided = [n for n in names if any(f"{n}:input" in r["variants"] for r in layers)]
     if sided:
         lines += ["", "## One layer: each side forced (time / frozen layer, input / weight); ✓ auto within 10% "
-                  "of the faster side", "", *table, *_sides_table(layers, sided)]
-    lines += ["", "## One layer: peak memory / frozen layer", "", *table]
-    lines += [_row(key, [f"{r['variants'][key]['memory_vs_frozen']:.2f}×" if key in r["variants"] else "–"
-                         for r in layers]) for key in keys]
+                  "of the faster side", "", *table,
+                  *_rows(layers, sided, _sides_cell, needs=lambda n: f"{n}:input")]
+    lines += ["", "## One layer: peak memory / frozen layer", "", *table, *_rows(layers, keys, _memory_cell)]
     if with_peft:
         aimed = "; ".join(f"{n} ≤ {peft_target(n)[0]}× time, ≤ {peft_target(n)[1]}× memory" for n in with_peft
                           if peft_target(n))
         lines += ["", f"## One layer: ours / peft (time, memory); targets {aimed or 'none'}", "", *table,
-                  *_peft_table(layers, with_peft)]
+                  *_rows(layers, with_peft, _peft_cell, needs=lambda n: f"peft:{n}")]
     notes = sorted({f"{k}: {v}" for r in layers for k, v in r["notes"].items()})
     return lines + ([""] + [f"Note — {n}." for n in notes] if notes else [])
 

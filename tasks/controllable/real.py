@@ -154,8 +154,8 @@ class RealControllable:
 
     def train_set(self, unit: str) -> TrainSet:
         examples = [self._example(f) for f in self.train_files]
-        return TrainSet(torch.stack([e[0] for e in examples]), [self.captions.get(f.name, "") for f in self.train_files],
-                        control=torch.stack([e[1] for e in examples]))
+        prompts = [self.captions.get(f.name, "") for f in self.train_files]
+        return TrainSet(torch.stack([e[0] for e in examples]), prompts, control=torch.stack([e[1] for e in examples]))
 
     def eval_requests(self, unit: str, seed: int) -> list[Request]:
         return [Request(self.captions.get(f.name, ""), seed * 1_000_003 + i, group=str(i), control=self._example(f)[1])

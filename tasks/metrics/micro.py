@@ -169,17 +169,6 @@ def drift(base: list[np.ndarray], adapted: list[np.ndarray]) -> float:
     return float(np.mean([label_change(a, b) for a, b in zip(base, adapted)]))
 
 
-METRICS = {
-    name: register_metric(name, MetricInfo(higher, description, None, analogue_of))
-    for name, higher, description, analogue_of in (
-        ("micro_subject_fidelity", True, "pattern match of the subject read by the micro parser", "dino"),
-        ("micro_prompt_fidelity", True, "fraction of the prompt's attributes the parser finds satisfied", "clip_t"),
-        ("micro_diversity", True, "palette-label change between images of one prompt", "lpips_diversity"),
-        ("micro_drift", False, "palette-label change on unrelated prompts, adapter on vs off", "drift"),
-    )
-}
-
-
 # --- controllable generation ------------------------------------------------------------------------------------
 
 SEG_CLASSES = 1 + len(world.SHAPES)  # the parser's segmentation labels: background + one class per shape kind
@@ -226,9 +215,15 @@ def keypoint_error(pred: np.ndarray, target: np.ndarray) -> float:
     return float(np.mean(errors))
 
 
-CONTROL_METRICS = {
+# --- the registry's entries -------------------------------------------------------------------------------------
+
+METRICS = {
     name: register_metric(name, MetricInfo(higher, description, None, analogue_of))
     for name, higher, description, analogue_of in (
+        ("micro_subject_fidelity", True, "pattern match of the subject read by the micro parser", "dino"),
+        ("micro_prompt_fidelity", True, "fraction of the prompt's attributes the parser finds satisfied", "clip_t"),
+        ("micro_diversity", True, "palette-label change between images of one prompt", "lpips_diversity"),
+        ("micro_drift", False, "palette-label change on unrelated prompts, adapter on vs off", "drift"),
         ("micro_mIoU", True, "mIoU (%) of the parser's segmentation of the generated image vs the input", "mIoU"),
         ("micro_mAcc", True, "mean class accuracy (%) of the parser's segmentation vs the input", "mAcc"),
         ("micro_aAcc", True, "pixel accuracy (%) of the parser's segmentation vs the input", "aAcc"),
