@@ -2,6 +2,7 @@
 
 import os
 import signal
+import sys
 
 import pytest
 
@@ -17,3 +18,31 @@ def signal_handlers():
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
+
+
+@pytest.fixture
+def command_line(monkeypatch, capsys):
+    """`python -m bench ARGS` or `python -m results ARGS` in this process: (exit status, stdout, stderr).
+
+    For commands that start no job (help, --cfg, bad input) and the results commands; a training run's process,
+    its exit status and signals are the end-to-end tests' (tests/test_pipeline.py, tests/test_faults.py).
+    """
+    from bench import __main__ as bench_main
+    from bench import faults
+    from results import __main__ as results_main
+
+    monkeypatch.setattr(faults, "TOUCHED", [])  # the outcome of this command only, not of earlier in-process runs
+    monkeypatch.setattr(bench_main, "JOB_FAILURES", [])
+    monkeypatch.setenv("PYTHONWARNINGS", os.environ.get("PYTHONWARNINGS", ""))  # cli() extends it; restored after
+    programs = {"bench": bench_main.cli, "results": lambda: results_main.main(sys.argv[1:])}
+
+    def run(module: str, *args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", [f"python -m {module}", *map(str, args)])
+        try:
+            status = programs[module]()
+        except SystemExit as done:
+            status = done.code
+        out = capsys.readouterr()
+        return status, out.out, out.err
+
+    return run

@@ -13,28 +13,16 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_class
 
-from bench import CONF, faults
-from bench import __main__ as app
+from bench import CONF
 from bench.run import run_job
 from bench.validate import UsageError
 
 
 @pytest.fixture
-def bench(monkeypatch, capsys, tmp_path):
+def bench(command_line, monkeypatch, tmp_path):
     """`python -m bench ARGS` in this process, from an empty working folder: (exit status, stdout, stderr)."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(faults, "TOUCHED", [])  # the outcome of this command only, not of earlier in-process runs
-    monkeypatch.setattr(app, "JOB_FAILURES", [])
-    monkeypatch.setenv("PYTHONWARNINGS", os.environ.get("PYTHONWARNINGS", ""))  # cli() extends it; restored after
-
-    def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["peftbench", *args])
-        with pytest.raises(SystemExit) as done:
-            app.cli()
-        out = capsys.readouterr()
-        return done.value.code, out.out, out.err
-
-    return run
+    return lambda *args: command_line("bench", *args)
 
 
 def config(*overrides: str, hydra: bool = False):
