@@ -2,18 +2,16 @@
 the test writes — the same code that runs SD-1.5 on DreamBench."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from bench import CONF
+from bench.run import run_job
 from tasks import TaskError
 from tasks.dreambooth import DreamBench, read_prompts_and_classes
 from tiny_models import save_dreambench, save_tiny_clip, save_tiny_dino, save_tiny_sd
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +67,15 @@ def test_unknown_subject(world):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["sd15", "sdxl"])
 def test_real_path_end_to_end(world, tmp_path, model):
-    out = subprocess.run(
-        [sys.executable, "-m", "bench", "method=oft", f"model={model}", f"model.path={world[model]}", "model.resolution=32",
-         f"task.root={world['bench']}", "task.subjects=[dog]", "task.steps=2", "task.batch_size=1",
-         "task.class_images=2", "task.images_per_prompt=2", "task.ddim_steps=2", "task.drift_prompts=2",
-         "method.hparams.blocks=4", f"task.metrics.dino={world['dino']}", f"task.metrics.clip_model={world['clip']}",
-         f"cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run"],
-        capture_output=True, text=True, env=ENV, cwd=os.getcwd(), timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    """One job in this process (Hydra's compose + run_job), its record read back from disk."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "method=oft", f"model={model}", f"model.path={world[model]}", "model.resolution=32",
+            f"task.root={world['bench']}", "task.subjects=[dog]", "task.steps=2", "task.batch_size=1",
+            "task.class_images=2", "task.images_per_prompt=2", "task.ddim_steps=2", "task.drift_prompts=2",
+            "method.hparams.blocks=4", f"task.metrics.dino={world['dino']}", f"task.metrics.clip_model={world['clip']}",
+            f"cache_dir={tmp_path}/cache"])
+    run_job(cfg, job_dir=tmp_path / "run")
     record = json.loads((tmp_path / "run" / "dog" / "record.json").read_text())
     assert record["run"]["status"] == "success", record["run"]["error"]
     assert record["task"]["dataset"] == "dreambench"
