@@ -250,17 +250,22 @@ class PeftTuner(Adapter):
                 for n, p in self.peft.named_parameters() if p.requires_grad}
 
     def forward_input(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tuner_layer(x)
+        """peft's forward; under autocast in autocast's dtype, as the frozen layer's own product would be (peft
+        returns x's dtype)."""
+        y = self.tuner_layer(x)
+        kind = x.device.type
+        return y.to(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else y
 
     def reference_weight(self) -> torch.Tensor:
         """W' read off peft's forward: one input per column of W (Linear: the rows of I; Conv2d: one one-hot
         kernel window per kernel entry, `_kernel_windows`), minus the bias."""
         w = self.base.weight
-        if self.shape.kind == "linear":
-            out = self.tuner_layer(torch.eye(self.shape.d_in, device=w.device, dtype=w.dtype))
-        else:
-            windows, (oh, ow) = self._kernel_windows()
-            out = self.tuner_layer(windows)[:, :, oh, ow]
+        with torch.autocast(w.device.type, enabled=False):  # W' in the weight's precision, as other methods build it
+            if self.shape.kind == "linear":
+                out = self.tuner_layer(torch.eye(self.shape.d_in, device=w.device, dtype=w.dtype))
+            else:
+                windows, (oh, ow) = self._kernel_windows()
+                out = self.tuner_layer(windows)[:, :, oh, ow]
         if self.base.bias is not None:
             out = out - self.base.bias
         return out.T
