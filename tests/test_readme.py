@@ -1,11 +1,13 @@
 """Every `python -m bench` and `python -m results` command shown in README.md runs, so no example rots.
 
 How each is run (HOW below; a README command missing from it fails the test, so a new example gets a line):
-- "run": as written (help, composed config, the results commands on the records the bench commands wrote);
-- "smoke": as written plus SMOKE after it (Hydra's later overrides win): seconds-long training, one subject, and the
-  README's sweep name, so that `multirun/dreambooth` holds the records the results commands read; "tune" and
-  "tuned" likewise, with the smoke sizes as plain overrides (experiment=smoke would replace the tuning preset):
-  two trials on one validation unit, then the test runs with the learning rates that study wrote;
+- "run": the command's own arguments in this process (`command_line` in conftest.py: help, composed config, the
+  results commands on the records the bench commands wrote), in the folder where the bench commands ran;
+- "smoke": as written, in a process of its own, plus SMOKE after it (Hydra's later overrides win): seconds-long
+  training, one subject, and the README's sweep name, so that `multirun/dreambooth` holds the records the results
+  commands read; "tune" and "tuned" likewise, with the smoke sizes as plain overrides (experiment=smoke would
+  replace the tuning preset): two trials on one validation unit, then the test runs with the learning rates that
+  study wrote;
 - "check": composed and validated for every job of the sweep (bench.validate.check_argv, what runs before any job
   starts), not trained, because it needs what this machine cannot have: Stable Diffusion weights and DreamBench
   (experiment=oft_table1, stood in for by a tiny SD-layout model and a tiny DreamBench folder so the model and data
@@ -77,7 +79,7 @@ def test_every_readme_command_is_covered():
 
 
 @pytest.mark.slow
-def test_readme_commands_run(tmp_path):
+def test_readme_commands_run(tmp_path, command_line, monkeypatch):
     sd, bench_root = save_tiny_sd(tmp_path / "fixtures" / "sd"), save_dreambench(tmp_path / "fixtures" / "bench")
     work = tmp_path / "work"
     work.mkdir()
@@ -90,9 +92,12 @@ def test_readme_commands_run(tmp_path):
                     for a in args]
             assert check_argv(args, CONF) is None, command
             continue
-        args += {"smoke": SMOKE, "tune": TUNE, "tuned": TUNED}.get(how, [])
-        if how != "run":
-            args.append(f"cache_dir={tmp_path}/cache")
+        if how == "run":
+            monkeypatch.chdir(work)
+            status, stdout, stderr = command_line(shlex.split(command)[2], *args)
+            assert status == 0, f"{command}\n{stdout[-2000:]}\n{stderr[-2000:]}"
+            continue
+        args += [*{"smoke": SMOKE, "tune": TUNE, "tuned": TUNED}[how], f"cache_dir={tmp_path}/cache"]
         out = subprocess.run([sys.executable, "-m", shlex.split(command)[2], *args], cwd=work, env=ENV,
                              capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, f"{command}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
