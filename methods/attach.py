@@ -110,13 +110,15 @@ def _size(cls, shapes: list[LayerShape], hp: dict, budget, variant) -> dict:
     (ties: the one below). Where the method's family cannot reach [0.9, 1.1] × budget this is its largest size
     below the budget, which the summary shows (trainable_params < 0.9 × budget: "under budget")."""
     _check_budget(budget)
-    sizes = []
+    sizes, problem = [], None
     for option in cls.budget_options(shapes, hp):
         trial = {**hp, **option}
         try:
             sizes.append((sum(cls.count(s, cls.resolve(s, trial), variant) for s in shapes), option))
-        except MethodError:
-            continue
+        except MethodError as e:
+            problem = problem or e
+    if not sizes:  # no size is valid with the other hyper-parameters: the first reason, as the method says it
+        raise problem or fail("budget", budget, "has no size to choose from", f"{cls.method}", "a sizing knob")
     fitting = [s for s in sizes if s[0] <= budget * (1 + BUDGET_TOLERANCE)]
     if not fitting:
         smallest, option = min(sizes, key=lambda s: s[0])

@@ -133,3 +133,12 @@ def test_budget_sized_adapters_reload_with_their_sizes(name, tmp_path):
     fresh = build_unet()
     fresh.load_state_dict({k: v for k, v in methods.detach(unet).state_dict().items()})
     assert methods.load(fresh, tmp_path) == info
+
+
+def test_a_budget_no_size_can_meet_names_the_hyper_parameter_that_blocks_it():
+    """Every size the budget could choose fails to resolve (LoLDU's σ₀ = alpha / rank with alpha null): the method's
+    own one-line message, not a bare error from an empty search."""
+    from bench.models.micro import build_unet
+
+    with pytest.raises(methods.MethodError, match=r"^method\.alpha: None must be a positive number"):
+        methods.attach(build_unet(), "loldu", list(MICRO.target_modules), budget=BUDGET, alpha=None)
