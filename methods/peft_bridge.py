@@ -29,19 +29,23 @@ hyper-parameters. The record's `method.hparams.peft_config` is the exact config 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
 import math
 import warnings
+from pathlib import Path
 from typing import ClassVar
 
 import peft
+import safetensors.torch
 import torch
 from peft.config import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from torch import nn
 
+from methods.attach import adapters, summary
 from methods.base import Adapter, LayerShape
 from methods.errors import MethodError, fail
 from methods.hparams import positive_int
@@ -245,8 +249,9 @@ class PeftTuner(Adapter):
         return self.peft.model.layer
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        """peft's trainable tensors, by peft's names less the layer prefix and the adapter name."""
-        return {n.removeprefix("model.layer.").removesuffix(f".{ADAPTER}"): p
+        """peft's trainable tensors, by the names peft saves them under (less the layer prefix, the adapter name
+        dropped: `hra_u`, `lora_A.weight`)."""
+        return {".".join(part for part in n.removeprefix("model.layer.").split(".") if part != ADAPTER): p
                 for n, p in self.peft.named_parameters() if p.requires_grad}
 
     def forward_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -284,6 +289,33 @@ class PeftTuner(Adapter):
         c, u, v = torch.unravel_index(entries, (c_in, kh, kw))
         windows[entries, c, mh + u * dh, mw + v * dw] = 1
         return windows, (oh, ow)
+
+
+# tuners whose random projections peft shares across the model, where the bridge draws them per layer
+SHARED_PROJECTIONS = frozenset({"VERA", "RANDLORA"})
+
+
+def export(model: nn.Module, path) -> Path:
+    """The attached bridge adapters in peft's format (adapter_config.json + adapter_model.safetensors), loadable with
+    `peft.PeftModel.from_pretrained(base_model, path)`: the config peft was given, its target modules the adapted
+    layers, and each layer's trainable tensors under peft's names. VeRA and RandLoRA have no such file (peft would
+    draw one shared pair of projections, not the bridge's per-layer ones): a one-line MethodError, merged weights
+    are their export."""
+    found, name = adapters(model), summary(model)["method"]
+    if not isinstance(found[0][1], PeftTuner):
+        raise fail("name", name, "is not a peft bridge method", "", "peft, peft_<tuner>")
+    config = copy.copy(found[0][1].peft.peft_config[ADAPTER])
+    if config.peft_type.value in SHARED_PROJECTIONS:
+        raise fail("name", name, f"has no peft file that computes the same ({config.peft_type.value}: peft shares "
+                   "one pair of random projections across layers, the bridge draws them per layer)", "",
+                   "a merged export")
+    config.target_modules = [n for n, _ in found]
+    path = Path(path)
+    config.save_pretrained(str(path))
+    tensors = {f"base_model.model.{n}.{k}": p.detach().cpu().contiguous() for n, a in found
+               for k, p in a.adapter_state().items()}
+    safetensors.torch.save_file(tensors, str(path / "adapter_model.safetensors"))
+    return path
 
 
 @register("peft")

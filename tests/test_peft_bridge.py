@@ -201,3 +201,26 @@ def test_a_run_records_peft_version_and_the_exact_config(tmp_path):
     assert method["trainable_params"] == method["stored_params"] > 0.9 * 135000
     saved = json.loads((tmp_path / "job" / "checker" / "adapter" / "adapter.json").read_text())
     assert saved["hparams"] == method["hparams"]  # the adapter file reloads with the recorded config
+
+
+@pytest.mark.parametrize("name", CURATED)
+def test_peft_format_export_loads_in_peft_with_our_outputs(name, tmp_path):
+    """Where peft computes what the bridge computes, the adapter exports in peft's format and
+    PeftModel.from_pretrained reproduces the adapted UNet; VeRA and RandLoRA (per-layer projections here, shared in
+    peft) are a one-line error."""
+    from peft import PeftModel
+
+    unet = tiny_unet()  # the checks' small example sizes: FourierFT's paper init (α 150) sends the UNet far out
+    methods.attach(unet, name, targets(name), **checks.main_example(name))
+    checks.perturb(methods.trainable_parameters(unet), 0.05)
+    if method_class(name).peft_type in peft_bridge.SHARED_PROJECTIONS:
+        with pytest.raises(methods.MethodError, match="no peft file that computes the same"):
+            peft_bridge.export(unet, tmp_path / "peft")
+        return
+    peft_bridge.export(unet, tmp_path / "peft")
+    loaded = PeftModel.from_pretrained(tiny_unet(), str(tmp_path / "peft")).eval()
+    ours = run(unet, unet_inputs())
+    with torch.no_grad():
+        theirs = loaded(*unet_inputs()).sample
+    assert (theirs - ours).abs().max() <= TOLERANCE * (1 + ours.abs().max())
+    assert (ours - run(tiny_unet(), unet_inputs())).abs().max() > 1e-4, "the perturbed adapters changed nothing"
