@@ -221,7 +221,8 @@ def test_corrupt_image_fails_its_unit_naming_the_file_and_the_job_goes_on(tmp_pa
 @pytest.mark.slow
 def test_sigterm_records_interrupted_exits_143_and_a_rerun_redoes_it(tmp_path):
     args = [sys.executable, "-m", "bench", "experiment=smoke", "method=lora", "task.subjects=[checker]",
-            f"cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run"]
+            "task.prompts_per_subject=1", "task.images_per_prompt=1", "task.drift_prompts=0",
+            "task.prior_preservation=false", f"cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run"]
     path = tmp_path / "run" / "checker" / "record.json"
     with open(tmp_path / "out.txt", "w") as log:
         proc = subprocess.Popen(args, cwd=tmp_path, env=ENV, stdout=log, stderr=subprocess.STDOUT)

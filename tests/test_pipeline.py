@@ -13,6 +13,9 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "2"}
+# A smoke unit with less to sample, for the tests that check what happens around a run rather than its metrics.
+ONE_UNIT = ["task.subjects=[checker]", "task.prompts_per_subject=1", "task.images_per_prompt=1", "task.drift_prompts=0",
+            "task.prior_preservation=false"]
 
 
 def bench(*args, cwd, env=None, timeout=1500):
@@ -75,7 +78,7 @@ def test_same_seed_same_metrics(sweep, tmp_path):
 
 
 def test_divergence_is_recorded_and_the_sweep_goes_on(tmp_path):
-    out = bench("-m", "experiment=smoke", "method=lora", "method.lr=1e30,1e-4", "task.subjects=[checker]",
+    out = bench("-m", "experiment=smoke", "method=lora", "method.lr=1e30,1e-4", *ONE_UNIT,
                 f"cache_dir={tmp_path}/cache", cwd=tmp_path)
     assert out.returncode == 1, out.stderr[-3000:]  # a unit did not succeed: the job says so in its status
     by_lr = {r["run"]["config"]["method"]["lr"]: r for r in records(tmp_path / "multirun")}  # the yaml's lr
@@ -85,8 +88,8 @@ def test_divergence_is_recorded_and_the_sweep_goes_on(tmp_path):
 
 
 def test_wandb_offline_logs_without_an_account(tmp_path):
-    out = bench("experiment=smoke", "method=lora", "task.subjects=[checker]", "logger=wandb",
-                f"cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path,
+    out = bench("experiment=smoke", "method=lora", *ONE_UNIT, "logger=wandb", f"cache_dir={tmp_path}/cache",
+                f"hydra.run.dir={tmp_path}/run", cwd=tmp_path,
                 env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_API_KEY": ""})
     assert out.returncode == 0, out.stderr[-3000:]
     assert records(tmp_path / "run")[0]["run"]["status"] == "success"
@@ -95,7 +98,7 @@ def test_wandb_offline_logs_without_an_account(tmp_path):
 
 def test_local_parallel_launcher(tmp_path):
     out = bench("-m", "hydra/launcher=local", "hydra.launcher.n_jobs=2", "experiment=smoke", "method=lora,oft",
-                "task.subjects=[checker]", f"cache_dir={tmp_path}/cache", cwd=tmp_path)
+                *ONE_UNIT, f"cache_dir={tmp_path}/cache", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(r["method"]["name"] for r in records(tmp_path / "multirun")) == ["lora", "oft"]
     assert "Leaderboard (2 records" in out.stdout
