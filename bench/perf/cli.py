@@ -15,6 +15,7 @@ import torch
 import bench.perf
 import methods
 from methods.registry import available
+from results import record as records
 
 from .. import memory
 from ..device import PRECISIONS
@@ -44,18 +45,16 @@ def device_name(device: torch.device) -> str:
 
 
 def environment(device: torch.device, precision: str) -> dict:
-    import diffusers
-    import peft
-
+    """What a run record's `meta` holds (versions, git, host; results.record.environment), plus what a timing needs:
+    device, threads, load, precision, the cost model's width and the memory meter."""
+    env = records.environment()
     return {
-        "torch": torch.__version__,
-        "peft": peft.__version__,
-        "diffusers": diffusers.__version__,
-        "python": platform.python_version(),
+        **env,
+        "torch": torch.__version__,  # with its build tag (+cu130): the build matters to a timing
+        "peft": env["packages"]["peft"],
         "device": device.type,
         "device_name": device_name(device),
         "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "precision": str(PRECISIONS[precision]).replace("torch.", "") if PRECISIONS[precision] else "fp32",
         "narrow": methods.cost.NARROW,
