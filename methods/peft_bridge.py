@@ -62,8 +62,10 @@ DENSE_UP_TO = 64  # size options: every value up to this, then steps of 5% (the 
 GROWTH = 1.05
 
 
+@functools.cache
 def tunable_fields(peft_type: str) -> dict:
-    """{field: peft's default} of a tuner's config: its own fields, less the harness's."""
+    """{field: peft's default} of a tuner's config: its own fields, less the harness's (cached: read it, never
+    change it)."""
     base = {f.name for f in dataclasses.fields(PeftConfig)}
     out = {}
     for f in dataclasses.fields(PEFT_TYPE_TO_CONFIG_MAPPING[peft.PeftType(peft_type)]):
@@ -78,7 +80,8 @@ def knob_of(peft_type: str) -> str | None:
     return knob if knob in tunable_fields(peft_type) else None
 
 
-def tuners() -> list[str]:
+@functools.cache
+def tuners() -> tuple[str, ...]:
     """The installed peft's tuners the bridge can run: a layer tuner (its config has target_modules) with a size
     knob."""
     found = []
@@ -86,7 +89,7 @@ def tuners() -> list[str]:
         fields = {f.name for f in dataclasses.fields(config_cls)}
         if peft_type in PEFT_TYPE_TO_TUNER_MAPPING and "target_modules" in fields and knob_of(peft_type.value):
             found.append(peft_type.value)
-    return sorted(found)
+    return tuple(sorted(found))
 
 
 def _first_line(e: Exception) -> str:
@@ -131,20 +134,24 @@ def build(peft_type: str, fields: dict, layer: nn.Module) -> nn.Module:
 
 @functools.lru_cache(maxsize=65536)
 def _count(peft_type: str, fields_json: str, kind: str, weight_shape: tuple) -> int | str:
-    """The trainable parameters peft creates on a layer of this shape, counted on the meta device; or peft's
-    reason (one line) where it cannot build it."""
-    with torch.device("meta"):
-        if kind == "linear":
-            layer = nn.Linear(weight_shape[1], weight_shape[0], bias=False)
-        else:
-            layer = nn.Conv2d(weight_shape[1], weight_shape[0], tuple(weight_shape[2:]), bias=False)
-        try:
-            tuner = build(peft_type, json.loads(fields_json), layer)
-        except MethodError as e:
-            return str(e)
-        except Exception as e:  # noqa: BLE001 - peft's reason, kept for the error message
-            return _first_line(e)
-    return sum(p.numel() for p in tuner.parameters() if p.requires_grad)
+    """The trainable parameters peft creates on a layer of this shape, counted on the meta device (on the CPU for
+    the few tuners whose initialisation runs operations meta tensors lack); or peft's reason (one line) where it
+    cannot build it."""
+    for device in ("meta", "cpu"):
+        with torch.device(device):
+            if kind == "linear":
+                layer = nn.Linear(weight_shape[1], weight_shape[0], bias=False)
+            else:
+                layer = nn.Conv2d(weight_shape[1], weight_shape[0], tuple(weight_shape[2:]), bias=False)
+            try:
+                tuner = build(peft_type, json.loads(fields_json), layer)
+            except MethodError as e:
+                return str(e)
+            except Exception as e:  # noqa: BLE001 - peft's reason, kept for the error message
+                reason = _first_line(e)
+                continue
+        return sum(p.numel() for p in tuner.parameters() if p.requires_grad)
+    return reason
 
 
 def counted(peft_type: str, fields: dict, shape: LayerShape) -> int | str:
@@ -240,7 +247,18 @@ class PeftTuner(Adapter):
 
     def __init__(self, layer, shape, hp, variant=None):
         super().__init__(layer, shape, hp, variant)
-        self.peft = build(self.tuner_of(hp), self.fields_of(hp), layer)
+        peft_type, fields = self.tuner_of(hp), self.fields_of(hp)
+        try:
+            self.peft = build(peft_type, fields, layer)
+        except MethodError:
+            raise
+        except Exception as e:  # noqa: BLE001 - peft's reason, in one line
+            if not layer.weight.is_meta:
+                raise fail(self.knob(hp), fields.get(self.knob(hp)), f"cannot be built by peft {peft.__version__}'s "
+                           f"{peft_type} ({_first_line(e)})", shape.name, "a size and config peft accepts") from None
+            # a weightless (meta) model, as bench.validate attaches to: a tuner whose initialisation needs real
+            # tensors is built around a CPU stand-in and moved to meta (such an adapter is counted, never run)
+            self.peft = build(peft_type, fields, copy.deepcopy(layer).to_empty(device="cpu")).to("meta")
         self.peft.train(layer.training)
 
     @property
