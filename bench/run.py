@@ -93,7 +93,10 @@ def load(cfg: DictConfig, job_dir: Path, overrides: list[str]) -> tuple[Job, int
     directory is removed when nothing was recorded in it."""
     try:
         check_config(cfg, overrides)  # every value, before any model loads (bench/validate.py)
-        torch.set_num_threads(devices.threads(cfg.get("threads"), parallel_jobs()))
+        jobs = parallel_jobs()
+        torch.set_num_threads(devices.threads(cfg.get("threads"), jobs))
+        log.info("torch threads: %d (threads=%s, %d job(s) side by side)", torch.get_num_threads(), cfg.get("threads"),
+                 jobs)
         task = tasks.create(cfg.task)
         method = run_method.for_config(cfg)
         model = models.load(cfg.model.path, device=devices.pick(cfg.device), name=cfg.model.name)
