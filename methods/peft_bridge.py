@@ -16,15 +16,16 @@ Two ways in, one machinery:
 
 - `peft_<tuner>` (`peft_hra`, `peft_lokr`, `peft_loha`, `peft_vera`, `peft_fourierft`, `peft_delora`,
   `peft_randlora`): the curated tuners, whose hyper-parameters are the tuner's own config fields (`r`, `apply_GS`,
-  ...), their yamls the papers' settings; the size knob is `r` (FourierFT: `n_frequency`).
+  ...), their yamls the papers' settings; the size knob is `r` (FourierFT: `n_frequency`; LoKr: `decompose_factor`).
 - `peft`: any other tuner, `hparams: {peft_type: C3A, size: 64, config: {...}}`; `size` is the value of its size
-  knob (`n_frequency` for FourierFT and WaveFT, else `r`).
+  knob (`KNOBS`, else `r`).
 
 Differences from a whole-model peft: tuners whose random projections peft shares across layers (VeRA, RandLoRA)
 draw them per layer here, from the same seed (`projection_prng_key`), so layers of one shape share them.
 Config fields the harness owns (targets, layer patterns, per-layer patterns, bias training) are not
 hyper-parameters. The record's `method.hparams.peft_config` is the exact config peft was given (`to_dict()`,
-`peft_version` included, less the per-layer `target_modules`).
+`peft_version` included, less the per-layer `target_modules`). `export` writes peft's adapter format.
+peft is imported at first use, so `import methods` does not pay for it.
 """
 
 from __future__ import annotations
@@ -36,13 +37,10 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import peft
 import safetensors.torch
 import torch
-from peft.config import PeftConfig
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from torch import nn
 
 from methods.attach import adapters, summary
@@ -50,6 +48,9 @@ from methods.base import Adapter, LayerShape
 from methods.errors import MethodError, fail
 from methods.hparams import positive_int
 from methods.registry import register
+
+if TYPE_CHECKING:
+    from peft.config import PeftConfig
 
 ADAPTER = "default"  # the adapter name inside each one-layer peft model
 # config fields the harness sets for every tuner (which layers, how they are matched, bias training), not
@@ -62,13 +63,31 @@ DENSE_UP_TO = 64  # size options: every value up to this, then steps of 5% (the 
 GROWTH = 1.05
 
 
+def peft_version() -> str:
+    """The installed peft's version. peft is imported at first use, never by `import methods` (it imports
+    transformers: seconds)."""
+    import peft
+
+    return peft.__version__
+
+
+def _mappings() -> tuple[dict, dict]:
+    """peft's {PeftType: config class} and {PeftType: tuner class}."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+    return PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+
 @functools.cache
 def tunable_fields(peft_type: str) -> dict:
     """{field: peft's default} of a tuner's config: its own fields, less the harness's (cached: read it, never
     change it)."""
+    from peft import PeftType
+    from peft.config import PeftConfig
+
     base = {f.name for f in dataclasses.fields(PeftConfig)}
     out = {}
-    for f in dataclasses.fields(PEFT_TYPE_TO_CONFIG_MAPPING[peft.PeftType(peft_type)]):
+    for f in dataclasses.fields(_mappings()[0][PeftType(peft_type)]):
         if f.name in base or f.name in HARNESS_FIELDS or f.name.endswith("_pattern") or not f.init:
             continue
         out[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -84,10 +103,11 @@ def knob_of(peft_type: str) -> str | None:
 def tuners() -> tuple[str, ...]:
     """The installed peft's tuners the bridge can run: a layer tuner (its config has target_modules) with a size
     knob."""
+    configs, tuner_classes = _mappings()
     found = []
-    for peft_type, config_cls in PEFT_TYPE_TO_CONFIG_MAPPING.items():
+    for peft_type, config_cls in configs.items():
         fields = {f.name for f in dataclasses.fields(config_cls)}
-        if peft_type in PEFT_TYPE_TO_TUNER_MAPPING and "target_modules" in fields and knob_of(peft_type.value):
+        if peft_type in tuner_classes and "target_modules" in fields and knob_of(peft_type.value):
             found.append(peft_type.value)
     return tuple(sorted(found))
 
@@ -102,7 +122,7 @@ def make_config(peft_type: str, fields: dict) -> PeftConfig:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return PEFT_TYPE_TO_CONFIG_MAPPING[peft.PeftType(peft_type)](target_modules=["layer"], **fields)
+            return _mappings()[0][peft_type](target_modules=["layer"], **fields)
     except Exception as e:  # noqa: BLE001 - whatever peft's config check raises, in one line
         raise fail("peft_config", peft_type, f"rejects {fields} ({_first_line(e)})", "",
                    f"the fields of peft's {peft_type} config") from None
@@ -129,7 +149,7 @@ def build(peft_type: str, fields: dict, layer: nn.Module) -> nn.Module:
     config = make_config(peft_type, fields)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return PEFT_TYPE_TO_TUNER_MAPPING[peft.PeftType(peft_type)](_OneLayer(layer), config, ADAPTER)
+        return _mappings()[1][peft_type](_OneLayer(layer), config, ADAPTER)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -162,7 +182,7 @@ def counted(peft_type: str, fields: dict, shape: LayerShape) -> int | str:
 def count_on(peft_type: str, fields: dict, shape: LayerShape, knob: str) -> int:
     count = counted(peft_type, fields, shape)
     if isinstance(count, str):
-        raise fail(knob, fields.get(knob), f"cannot be built by peft {peft.__version__}'s {peft_type} ({count})",
+        raise fail(knob, fields.get(knob), f"cannot be built by peft {peft_version()}'s {peft_type} ({count})",
                    shape.name, "a size and config peft accepts on this layer")
     return count
 
@@ -219,7 +239,7 @@ class PeftTuner(Adapter):
         count_on(peft_type, fields, shape, cls.knob(hp))  # peft builds this layer, or says why not
         config = config_record(make_config(peft_type, fields))
         if hp.get("peft_config") is not None and hp["peft_config"] != config:
-            raise fail("peft_config", "(saved)", f"differs from what peft {peft.__version__} builds ({config})", "",
+            raise fail("peft_config", "(saved)", f"differs from what peft {peft_version()} builds ({config})", "",
                        "null, or the config the installed peft builds for these hyper-parameters")
         return {**hp, field: fields[cls.knob(hp)], "peft_config": config}
 
@@ -241,7 +261,7 @@ class PeftTuner(Adapter):
             first = next(outcomes)
             if isinstance(first, int) or any(isinstance(outcome, int) for outcome in outcomes):
                 continue
-            raise fail("target_modules", shape.name, f"cannot be wrapped by peft {peft.__version__}'s {peft_type} "
+            raise fail("target_modules", shape.name, f"cannot be wrapped by peft {peft_version()}'s {peft_type} "
                        f"at any {knob} ({first})", "", "layers this tuner wraps")
         return [{field: v} for v in values]
 
@@ -254,7 +274,7 @@ class PeftTuner(Adapter):
             raise
         except Exception as e:  # noqa: BLE001 - peft's reason, in one line
             if not layer.weight.is_meta:
-                raise fail(self.knob(hp), fields.get(self.knob(hp)), f"cannot be built by peft {peft.__version__}'s "
+                raise fail(self.knob(hp), fields.get(self.knob(hp)), f"cannot be built by peft {peft_version()}'s "
                            f"{peft_type} ({_first_line(e)})", shape.name, "a size and config peft accepts") from None
             # a weightless (meta) model, as bench.validate attaches to: a tuner whose initialisation needs real
             # tensors is built around a CPU stand-in and moved to meta (such an adapter is counted, never run)
@@ -338,8 +358,8 @@ def export(model: nn.Module, path) -> Path:
 
 @register("peft")
 class GenericPeft(PeftTuner):
-    """Any tuner of the installed peft: `peft_type` (peft's PeftType name, e.g. C3A), `size` (its size knob's value: null
-    for peft's default) and `config` (more fields of its config)."""
+    """Any tuner of the installed peft: `peft_type` (peft's PeftType name, e.g. C3A), `size` (its size knob's value;
+    null: peft's default) and `config` (more fields of its config)."""
 
     defaults = {"peft_type": "LORA", "size": None, "config": {}, "peft_config": None}
     sized_by = ("size",)
@@ -349,7 +369,7 @@ class GenericPeft(PeftTuner):
     def tuner_of(cls, hp: dict) -> str:
         peft_type = hp["peft_type"]
         if peft_type not in tuners():
-            raise fail("peft_type", peft_type, f"is not a layer tuner of peft {peft.__version__} with a size knob",
+            raise fail("peft_type", peft_type, f"is not a layer tuner of peft {peft_version()} with a size knob",
                        "", tuners())
         return peft_type
 
@@ -384,8 +404,9 @@ class GenericPeft(PeftTuner):
 
 
 class CuratedPeft(PeftTuner):
-    """One tuner of peft, its config's own fields as the hyper-parameters (defaults: peft's; the yaml: the
-    paper's); a budget sets the size knob."""
+    """One tuner of peft, its config's own fields as the hyper-parameters (defaults: peft 0.21.2's, which
+    tests/test_peft_bridge.py holds to the installed peft's; the yaml: the paper's), plus `peft_config`, the exact
+    config the record keeps; a budget sets the size knob."""
 
     @classmethod
     def tuner_of(cls, hp: dict) -> str:
@@ -404,17 +425,12 @@ class CuratedPeft(PeftTuner):
         return {k: v for k, v in hp.items() if k != "peft_config"}
 
 
-def curated(peft_type: str) -> dict:
-    """A curated class's defaults: its tuner's fields (peft's defaults), the exact config slot for the record."""
-    return {**tunable_fields(peft_type), "peft_config": None}
-
-
 @register("peft_hra")
 class PeftHRA(CuratedPeft):
     """HRA: W' = W·H_1⋯H_r, H_i = I − 2 u_i u_iᵀ/‖u_i‖² (Householder reflections; r·d_in parameters)."""
 
     peft_type = "HRA"
-    defaults = curated("HRA")
+    defaults = {"r": 8, "apply_GS": False, "init_weights": True, "peft_config": None}
     sized_by = ("r",)
     examples = {"default": {"r": 2}}
 
@@ -426,7 +442,9 @@ class PeftLoKr(CuratedPeft):
     LyCORIS sizes it, by the factor f with full factors (r large, α = r): f² + d_out·d_in/f² parameters."""
 
     peft_type = "LOKR"
-    defaults = curated("LOKR")
+    defaults = {"r": 8, "alpha": 8, "rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False,
+                "decompose_both": False, "decompose_factor": -1, "rank_dropout_scale": False, "init_weights": True,
+                "peft_config": None}
     sized_by = ("decompose_factor",)
     examples = {"default": {"decompose_factor": 2, "r": 1000, "alpha": 1000}}
 
@@ -441,17 +459,20 @@ class PeftLoHa(CuratedPeft):
     """LoHa: ΔW = (α/r)·(B_1A_1) ⊙ (B_2A_2) (2r(d_in + d_out) parameters)."""
 
     peft_type = "LOHA"
-    defaults = curated("LOHA")
+    defaults = {"r": 8, "alpha": 8, "rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False,
+                "init_weights": True, "peft_config": None}
     sized_by = ("r",)
     examples = {"default": {"r": 2, "alpha": 2}}
 
 
 @register("peft_vera")
 class PeftVeRA(CuratedPeft):
-    """VeRA: ΔW = Λ_d B Λ_b A, A and B frozen random (from projection_prng_key), Λ_b (r) and Λ_d (d_out) trained."""
+    """VeRA: ΔW = Λ_d B Λ_b A, A and B frozen random (from projection_prng_key), Λ_b (r) and Λ_d (d_out)
+    trained."""
 
     peft_type = "VERA"
-    defaults = curated("VERA")
+    defaults = {"r": 256, "projection_prng_key": 0, "vera_dropout": 0.0, "d_initial": 0.1, "init_weights": True,
+                "peft_config": None}
     sized_by = ("r",)
     kinds = ("linear",)
     examples = {"default": {"r": 4}}
@@ -467,7 +488,8 @@ class PeftFourierFT(CuratedPeft):
     """FourierFT: ΔW = α·Re(IDFT2(S)), S zero but at n_frequency fixed random entries, which are trained."""
 
     peft_type = "FOURIERFT"
-    defaults = curated("FOURIERFT")
+    defaults = {"n_frequency": 1000, "scaling": 150.0, "random_loc_seed": 777, "init_weights": False,
+                "peft_config": None}
     sized_by = ("n_frequency",)
     kinds = ("linear",)
     identity_at_init = False  # the paper's (and peft's default) init: the spectrum's entries drawn N(0, 1)
@@ -479,7 +501,7 @@ class PeftDeLoRA(CuratedPeft):
     """DeLoRA: ΔW = (λ‖W‖/r)·B Ξ A, Ξ normalising each rank-one term (r(d_in + d_out) + 1 parameters)."""
 
     peft_type = "DELORA"
-    defaults = curated("DELORA")
+    defaults = {"r": 8, "delora_lambda": 15, "module_dropout": 0.0, "init_weights": True, "peft_config": None}
     sized_by = ("r",)
     kinds = ("linear",)
     examples = {"default": {"r": 2}}
@@ -490,7 +512,8 @@ class PeftRandLoRA(CuratedPeft):
     """RandLoRA: ΔW = Σ_i B_i Λ_i A_i Γ_i over ⌈min(d)/r⌉ frozen random rank-r bases, Λ_i and Γ_i trained."""
 
     peft_type = "RANDLORA"
-    defaults = curated("RANDLORA")
+    defaults = {"r": 32, "projection_prng_key": 0, "sparse": False, "very_sparse": False, "randlora_dropout": 0.0,
+                "randlora_alpha": 640, "init_weights": True, "peft_config": None}
     sized_by = ("r",)
     kinds = ("linear",)
     examples = {"default": {"r": 2, "randlora_alpha": 4}}  # the checks' tolerance is absolute: small ΔW

@@ -224,3 +224,20 @@ def test_peft_format_export_loads_in_peft_with_our_outputs(name, tmp_path):
         theirs = loaded(*unet_inputs()).sample
     assert (theirs - ours).abs().max() <= TOLERANCE * (1 + ours.abs().max())
     assert (ours - run(tiny_unet(), unet_inputs())).abs().max() > 1e-4, "the perturbed adapters changed nothing"
+
+
+def test_curated_defaults_are_the_installed_peft_defaults():
+    """The curated classes spell out peft's defaults (so that `import methods` need not import peft); a peft that
+    changes them, or adds a field, shows here."""
+    for name in CURATED:
+        cls = method_class(name)
+        assert {k: v for k, v in cls.defaults.items() if k != "peft_config"} == peft_bridge.tunable_fields(
+            cls.peft_type), name
+
+
+def test_importing_the_methods_package_does_not_import_peft():
+    import subprocess
+    import sys
+
+    code = "import sys, methods; assert 'peft' not in sys.modules and 'transformers' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
