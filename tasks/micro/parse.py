@@ -77,20 +77,24 @@ def _template(shape: str, size: str, cy2: int, cx2: int) -> np.ndarray:
     return world.shape_mask(shape, world.SIZES[size], (cy2 / 2, cx2 / 2))
 
 
+_OFFSETS = [(oy, ox) for oy in range(-3, 4) for ox in (-1, 0, 1)]
+_CANDIDATES = [(shape, size) for shape in world.SHAPES for size in world.SIZES for _ in _OFFSETS]
+
+
+@functools.lru_cache(maxsize=None)
+def _templates(cy2: int, cx2: int) -> np.ndarray:
+    """Every (shape, size, half-pixel offset) template around one centre, stacked (K, H, W) in `_CANDIDATES` order."""
+    return np.stack([_template(shape, size, cy2 + oy, cx2 + ox)
+                     for shape in world.SHAPES for size in world.SIZES for oy, ox in _OFFSETS])
+
+
 def _classify(mask: np.ndarray, centroid: tuple[float, float]) -> tuple[str, str, float]:
     """Best (shape, size, IoU) of the templates centred near `centroid` (a half-pixel search absorbs the offset
-    between a shape's centroid and its box centre, e.g. a triangle's)."""
-    best = ("circle", "small", -1.0)
-    cy2, cx2 = round(2 * centroid[0]), round(2 * centroid[1])
-    for shape in world.SHAPES:
-        for size in world.SIZES:
-            for oy in range(-3, 4):
-                for ox in (-1, 0, 1):
-                    t = _template(shape, size, cy2 + oy, cx2 + ox)
-                    iou = (t & mask).sum() / max((t | mask).sum(), 1)
-                    if iou > best[2]:
-                        best = (shape, size, float(iou))
-    return best
+    between a shape's centroid and its box centre, e.g. a triangle's); ties go to the first candidate."""
+    templates = _templates(round(2 * centroid[0]), round(2 * centroid[1]))
+    iou = (templates & mask).sum(axis=(1, 2)) / np.maximum((templates | mask).sum(axis=(1, 2)), 1)
+    best = int(iou.argmax())
+    return (*_CANDIDATES[best], float(iou[best]))
 
 
 def nearest_position(centroid: tuple[float, float]) -> int:

@@ -15,7 +15,7 @@ the 22 new ones get two-word sequences of rare words ("tyg sks"); every sequence
 trained on one subject only, so sharing a word between identifiers of different subjects does not leak.
 
 Splits: `VALIDATION` (4 subjects, one per class word: learning-rate tuning), `TEST` (the other 24: reported
-results), disjoint; `DEFAULT` (what a run trains when task.subjects is null) is 4 test subjects, one per class word.
+results), disjoint; `DEFAULT` (what a run trains when task.subjects is null) is 8 test subjects, two per class word.
 
 Each subject has five reference images (varying background and position, always big) and ten evaluation prompts in
 DreamBench's two families: new context (three backgrounds, another object, another object on a background) and
