@@ -317,8 +317,9 @@ def test_every_method_yaml_on_a_diffusers_unet():
         cfg = configs[method]
         info = methods.attach(unet, cfg.name, budget=cfg.budget, variant=cfg.variant, **cfg.hparams)
         assert len(info["layers"]) == len(shapes)
-        with torch.no_grad():
-            assert (unet(sample, t, context).sample - base).abs().max() <= 1e-5
+        if methods.registry.method_class(method).identity_at_init:  # else its paper's init (FourierFT)
+            with torch.no_grad():
+                assert (unet(sample, t, context).sample - base).abs().max() <= 1e-5, method
         opt = methods.optimizer(unet, lr=cfg.lr, weight_decay=cfg.weight_decay)
         unet(sample, t, context).sample.square().mean().backward()
         opt.step()

@@ -5,6 +5,7 @@ the CPU allocation tracker). No timing assertions: the timing targets live in th
 import copy
 import json
 import math
+import mmap
 
 import geoopt
 import pytest
@@ -21,9 +22,10 @@ from methods.optim import RiemannianAdam
 from methods.registry import method_class
 
 def input_side_methods() -> list[str]:
-    """Every registered method that adapts Linear layers and has an input side (`forward_input`)."""
-    return [n for n in methods.available()
-            if "linear" in method_class(n).kinds and "input" in method_class(n).sides()]
+    """Every registered method that adapts Linear layers and has an input side (`forward_input`) of its own: a peft
+    bridge tuner's input side is peft's forward, which tests/test_peft_bridge.py holds to its merged weight."""
+    return [n for n in methods.available() if "linear" in method_class(n).kinds
+            and "input" in method_class(n).sides() and method_class(n).__module__ != "methods.peft_bridge"]
 
 
 # every example of every method with an input side (the fused layers among them), and each one's main example
@@ -64,7 +66,6 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
             assert v["side"] in ("input", "weight") and v["faster_side"] in ("input", "weight")
             assert {"time_vs_frozen", "memory_vs_frozen", "time_vs_peft", "memory_vs_peft"} <= set(v)
             assert v["memory"]["peak_bytes"] >= v["memory"]["static_bytes"] > 0
-        assert variants["frozen"]["time_vs_frozen"]["ratio"] == 1.0
     assert set(result["micro"]["methods"]) == {"lora", "oft"} and result["micro"]["reference"] == "lora"
     assert set(result["sampling"]["methods"]) == {"lora", "oft"}
     ratios = list(_ratios(result))
@@ -223,7 +224,8 @@ def test_weight_groups_build_the_same_weights_and_gradients():
         single = copy.deepcopy(grouped)
         for _, a in methods.adapters(single):
             a.weight_group = None
-        assert sum(a.weight_group is not None for _, a in methods.adapters(grouped)) == 56
+        linear = [a for _, a in methods.adapters(grouped) if a.shape.kind == "linear"]
+        assert len(linear) > 1 and all(a.weight_group is not None for a in linear), name  # every alike layer batched
         with torch.no_grad():
             for (_, a), (_, b) in zip(methods.adapters(grouped), methods.adapters(single)):
                 for p, q in zip(a.adapter_state().values(), b.adapter_state().values()):
@@ -280,15 +282,16 @@ def test_cpu_allocation_tracker_sees_the_peak():
 
 def test_one_meter_two_cpu_sources():
     """Run records read the resident set (the default), bench.perf the allocation tracker; each says which."""
-    with PeakMemory(torch.device("cpu")) as rss:
-        held = torch.ones(16 * 2**20)  # 64 MiB, its pages written
+    with PeakMemory(torch.device("cpu")) as rss:  # 64 MiB of fresh pages (an allocator could reuse resident ones)
+        held = mmap.mmap(-1, 64 * 2**20)
+        held.write(b"\1" * len(held))
     assert rss.source == "rss" and rss.before > 0 and rss.increase >= 60 * 2**20
     with PeakMemory(torch.device("cpu"), cpu="allocations") as tracked:
         torch.ones(2**20)  # 4 MiB, freed at once
     assert tracked.source == "allocations" and tracked.before == 0 and tracked.peak == 4 * 2**20
     with pytest.raises(ValueError, match="cpu: 'vms'; allowed: rss, allocations"):
         PeakMemory(torch.device("cpu"), cpu="vms")
-    del held
+    held.close()
 
 
 def test_layer_memory_counts_what_the_call_holds():
