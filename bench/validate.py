@@ -179,7 +179,7 @@ RULES: list[tuple[str, Rule]] = [
     ("seed", Int(0, MAX_SEED)),
     ("device", Device()),
     ("precision", Choice("fp32", "fp16", "bf16")),
-    ("threads", Int(1, null=True, hint="(torch CPU threads per job; null: the cores / the jobs run side by side)")),
+    ("threads", Int(1, null=True, hint="(torch CPU threads per job; null: the idle cores / the jobs run side by side)")),
     ("task.split", Choice("test", "validation")),
     ("tune.trials", Int(1)),
     ("tune.decades", Number(0.0, strict=True)),

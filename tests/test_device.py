@@ -10,11 +10,35 @@ import torch
 from bench import device
 
 
-def test_threads_default_divides_the_usable_cores_among_parallel_jobs(monkeypatch):
+def test_threads_default_divides_the_idle_usable_cores_among_parallel_jobs(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    monkeypatch.setattr(device, "idle_cores", lambda: 6.0)  # an idle machine
     assert device.threads(None, 1) == 6 and device.threads(None, 2) == 3 and device.threads(None, 4) == 1
     assert device.threads(None, 12) == 1  # never zero
     assert device.threads(2, 3) == 2  # an explicit value wins
+    monkeypatch.setattr(device, "idle_cores", lambda: 4.2)  # two cores busy with other processes
+    assert device.threads(None, 1) == 4 and device.threads(None, 2) == 2
+    monkeypatch.setattr(device, "idle_cores", lambda: 0.1)  # all busy: still one thread
+    assert device.threads(None, 1) == 1
+    monkeypatch.setattr(device, "idle_cores", lambda: None)  # unknown (no /proc/stat): the usable cores
+    assert device.threads(None, 2) == 3
+
+
+def test_idle_cores_sees_a_busy_process():
+    """One process spinning on a core leaves about one core fewer idle."""
+    import subprocess
+    import sys
+
+    alone = device.idle_cores(0.5)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.5)
+        beside = device.idle_cores(0.5)
+    finally:
+        busy.kill()
+    assert alone is not None and 0 <= beside < alone and alone - beside > 0.5
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
