@@ -192,10 +192,10 @@ def attempt(job: Job, unit: str, run_dir: Path, stub: dict) -> None:
             tracker.artifact(run_dir / "adapter", record["run"]["id"], record["method"])
         evaluate(job, unit, record, requests, images, baseline.drift_images, drift_images, sample_seconds, run_dir,
                  tracker)
-    finally:
+        write(record, run_dir, start, tracker)
+    finally:  # the tracker gets its summary (in write) before it is finished
         job.method.detach(model.unet)
         tracker.finish(failed=record["run"]["status"] != "success")
-    write(record, run_dir, start, tracker)
 
 
 def method_part(cfg: DictConfig, summary: dict) -> dict:

@@ -221,7 +221,7 @@ def test_merged_export_of_every_method_loads_in_diffusers_and_samples_our_images
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "out", trust_remote_code=True)
     assert type(pipe).__name__ == "PeftbenchMicroPipeline"
     theirs = pipe(PROMPTS, seeds=[5, 6], num_inference_steps=3, output_type="pt").images
-    assert (ours - before).abs().max() > EFFECT
+    assert (ours - before).abs().max() > 10 * TOL  # the adapter moves the images well beyond the tolerance below
     assert (theirs - ours).abs().max() <= TOL
     again = models.load(tmp_path / "out")  # and peftbench's own loader: model.path=OUT
     assert (generate(again, PROMPTS, [5, 6], steps=3) - ours).abs().max() <= TOL
