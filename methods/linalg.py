@@ -77,8 +77,9 @@ class _Cayley(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q):
         eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype).expand_as(q)
-        minus = eye - q
-        r = torch.cholesky_solve(minus @ minus, torch.linalg.cholesky(eye - q @ q))  # (I − Q²)⁻¹(I − Q)²
+        with torch.autocast(q.device.type, enabled=False):  # in q's precision, as a solve is: bf16 products lose R
+            minus = eye - q
+            r = torch.cholesky_solve(minus @ minus, torch.linalg.cholesky(eye - q @ q))  # (I − Q²)⁻¹(I − Q)²
         ctx.save_for_backward(r)
         return r
 
