@@ -1,4 +1,6 @@
-"""Tests never reach a hub and never use a W&B account; each starts from the process's signal handlers."""
+"""Tests never reach a hub and never use a W&B account; each starts from the process's signal handlers. Under
+pytest-xdist (`-n auto`, the README's test command) each worker runs torch on its share of the cores, so that the
+workers do not spin against each other."""
 
 import os
 import signal
@@ -9,6 +11,10 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "disabled"
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # before torch is imported: its thread pools size themselves once
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_share)
 
 
 @pytest.fixture(autouse=True)
