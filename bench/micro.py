@@ -99,7 +99,8 @@ class Pretraining:
         torch.manual_seed(args.seed)
         self.args = args
         self.tokenizer = micro.build_tokenizer()
-        self.unet, self.text = micro.build_unet(), micro.build_text_encoder(self.tokenizer)
+        self.unet = micro.build_unet(coordinates=args.coordinates)
+        self.text = micro.build_text_encoder(self.tokenizer)
         self.scheduler = micro.build_scheduler(args.prediction)
         self.params = list(self.unet.parameters()) + list(self.text.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=0.01)
@@ -111,13 +112,15 @@ class Pretraining:
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = self.state["rng"]
         self.ema_params = list(self.ema_unet.parameters()) + list(self.ema_text.parameters())
-        self.model = models.Diffusion("micro", self.unet, self.text, self.tokenizer, self.scheduler, None, world.SIZE)
+        self.model = models.Diffusion("micro", self.unet, self.text, self.tokenizer, self.scheduler, None, world.SIZE,
+                                      coordinates=args.coordinates)
         self.ema_model = models.Diffusion("micro", self.ema_unet, self.ema_text, self.tokenizer, self.scheduler, None,
-                                          world.SIZE)
+                                          world.SIZE, coordinates=args.coordinates)
 
     def resume(self) -> None:
         """From the checkpoint file; on a new machine (no .cache) from the committed weights, with fresh optimiser
-        moments and the lr warmed up again, extending their learning curve."""
+        moments and the lr warmed up again, extending their learning curve (with `--coordinates` from weights
+        without them: `micro.with_coordinates`)."""
         args, state_file = self.args, Path(self.args.state)
         if state_file.exists():
             ckpt = torch.load(state_file, weights_only=False)
@@ -130,9 +133,12 @@ class Pretraining:
             switch_objective(self.state, self.state.get("prediction", "epsilon"), args.prediction)
         elif (Path(args.out) / "learning_curve.json").exists():
             committed = models.load(args.out)
-            for module, source in ((self.unet, committed.unet), (self.text, committed.text_encoder),
-                                   (self.ema_unet, committed.unet), (self.ema_text, committed.text_encoder)):
-                module.load_state_dict(source.state_dict())
+            unet = committed.unet.state_dict()
+            if args.coordinates and not committed.coordinates:
+                unet = micro.with_coordinates(unet)
+            text = committed.text_encoder.state_dict()
+            for module, source in ((self.unet, unet), (self.text, text), (self.ema_unet, unet), (self.ema_text, text)):
+                module.load_state_dict(source)
             curve = json.loads((Path(args.out) / "learning_curve.json").read_text())
             last = curve[-1]
             self.state = {"step": last["step"], "minutes": last["minutes"], "curve": curve, "warm_start": last["step"],
@@ -237,6 +243,8 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--prediction", choices=["v_prediction", "epsilon"], default="v_prediction",
                    help="what the UNet predicts; the committed weights: epsilon to step 3242, then v")
+    p.add_argument("--coordinates", action="store_true",
+                   help="the UNet also reads a (y, x) grid (from weights without one: its inputs start at zero)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 when sharing a busy machine)")
     args = p.parse_args()
     if args.threads:

@@ -30,12 +30,21 @@ class PeftbenchMicroPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     model_cpu_offload_seq = "text_encoder->unet"
 
     def __init__(self, unet, text_encoder, tokenizer, scheduler, latent_codec: str = "space_to_depth",
-                 resolution: int = 32):
+                 resolution: int = 32, coordinates: bool = False):
         super().__init__()
         if latent_codec != "space_to_depth":
             raise ValueError(f"latent_codec: {latent_codec!r}; this pipeline decodes 'space_to_depth' latents only")
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
-        self.register_to_config(latent_codec=latent_codec, resolution=resolution)
+        self.register_to_config(latent_codec=latent_codec, resolution=resolution, coordinates=coordinates)
+
+    def unet_input(self, x: torch.Tensor) -> torch.Tensor:
+        """With `coordinates`, the latents and the (y, x) grid in [-1, 1] the UNet was trained to read beside them
+        (bench.models.Diffusion.unet_input)."""
+        if not self.config.coordinates:
+            return x
+        n, _, h, w = x.shape
+        y, x_ = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        return torch.cat([x, torch.stack([y, x_]).to(x).expand(n, -1, -1, -1)], dim=1)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
@@ -55,14 +64,14 @@ class PeftbenchMicroPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise ValueError(f"prompt and seeds differ in length ({len(prompts)} vs {len(seeds)})")
         sampler = DDIMScheduler.from_config(self.scheduler.config)
         sampler.set_timesteps(num_inference_steps)
-        shape = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        shape = (self.unet.config.out_channels, self.unet.config.sample_size, self.unet.config.sample_size)
         noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         latents = torch.stack(noise).to(self.device, self.unet.dtype) * sampler.init_noise_sigma
         n = len(prompts)
         text = torch.cat([self.encode_prompt([""])[[0] * n], self.encode_prompt(prompts)])
         for t in self.progress_bar(sampler.timesteps):
             x = sampler.scale_model_input(torch.cat([latents, latents]), t)
-            uncond, cond = self.unet(x, t, encoder_hidden_states=text).sample.chunk(2)
+            uncond, cond = self.unet(self.unet_input(x), t, encoder_hidden_states=text).sample.chunk(2)
             latents = sampler.step(uncond + guidance_scale * (cond - uncond), t, latents).prev_sample
         images = ((F.pixel_shuffle(latents, 2).float() + 1) / 2).clamp(0, 1).cpu()
         if output_type != "pt":

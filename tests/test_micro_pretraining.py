@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from bench import models
 
@@ -39,3 +40,10 @@ def test_pretraining_resumes_and_switches_target(tmp_path):
     counts = report["accuracy"]["by_object_count"]
     assert sum(c["captions"] for c in counts.values()) == 6 and set(counts) <= {"1", "2", "3"}
     assert all(0 <= c["shape"] <= 1 for c in counts.values())
+    # --coordinates from weights without the grid: a warm start (no state file) that extends their curve
+    plain = model.unet.state_dict()
+    curve = pretrain(tmp_path, "--steps", "1", "--coordinates", "--state", str(tmp_path / "xy.pt"))
+    assert [p["step"] for p in curve] == [3, 5, 6]
+    xy = models.load(tmp_path / "weights")
+    assert xy.coordinates and xy.unet.conv_in.in_channels == 14
+    assert not torch.equal(xy.unet.conv_in.weight[:, :12], plain["conv_in.weight"])  # trained on, not rebuilt

@@ -92,3 +92,39 @@ def test_micro_prompt_with_an_unknown_word_names_it():
     m.encode_prompts(["a big red circle in the top left on a blue background", ""])
     with pytest.raises(ValueError, match=r"unknown word 'teal'.*vocabulary is: .*circle"):
         m.encode_prompts(["a teal circle"])
+
+
+def test_a_micro_model_with_coordinates_reads_the_grid_saves_its_flag_and_samples_alike_in_its_pipeline(tmp_path):
+    """`--coordinates` pretraining: warm-started from weights without the grid the model computes exactly what it
+    did; once conv_in weighs the grid, moving the grid moves the prediction; the flag survives save/load; the
+    exported pipeline appends the same grid (the same images as bench.sample.generate)."""
+    from bench.micro_pipeline import PeftbenchMicroPipeline
+    from bench.models import micro
+
+    torch.manual_seed(0)
+    tokenizer = micro.build_tokenizer()
+    plain, text = micro.build_unet().eval(), micro.build_text_encoder(tokenizer).eval()
+    unet = micro.build_unet(coordinates=True).eval()
+    unet.load_state_dict(micro.with_coordinates(plain.state_dict()))
+    scheduler = micro.build_scheduler()
+    before = models.Diffusion("micro", plain, text, tokenizer, scheduler, None, 32)
+    after = models.Diffusion("micro", unet, text, tokenizer, scheduler, None, 32, coordinates=True)
+    x, t = torch.randn(2, 12, 16, 16), torch.tensor([900, 10])
+    prompts = before.encode_prompts(["a red circle on a blue background", "a big green square on a white background"])
+    with torch.no_grad():
+        assert torch.equal(before.predict(x, t, prompts), after.predict(x, t, prompts))
+        unet.conv_in.weight[:, 12:] = torch.randn_like(unet.conv_in.weight[:, 12:])
+        flipped = after.unet(torch.cat([x, models.coordinate_grid(x).flip(-1)], 1), t,
+                             encoder_hidden_states=prompts.hidden).sample
+        assert not torch.allclose(after.predict(x, t, prompts), flipped, atol=1e-4)
+    grid = models.coordinate_grid(x)
+    assert grid.shape == (2, 2, 16, 16) and grid[0, 0, 0, 0] == -1 and grid[0, 1, 0, -1] == 1  # y down, x right
+
+    micro.save(tmp_path / "xy", unet, text, tokenizer, scheduler, dtype=torch.float32)
+    loaded = models.load(tmp_path / "xy")
+    assert loaded.coordinates and loaded.latent_shape(1) == (1, 12, 16, 16)
+    ours = generate(loaded, ["a red circle on a blue background"], [3], steps=3)
+    pipe = PeftbenchMicroPipeline(loaded.unet, loaded.text_encoder, loaded.tokenizer, loaded.scheduler,
+                                  coordinates=True)
+    theirs = pipe(["a red circle on a blue background"], seeds=[3], num_inference_steps=3, output_type="pt").images
+    assert (ours - theirs).abs().max() < 1e-5

@@ -60,6 +60,7 @@ class Diffusion:
     text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL's second encoder (and its tokenizer)
     tokenizer_2: object = None
     zero_empty_prompt: bool = False  # SDXL's `force_zeros_for_empty_prompt`: the unconditional branch is zeros
+    coordinates: bool = False  # the UNet also reads a fixed (y, x) grid (micro models trained with one)
 
     @property
     def device(self) -> torch.device:
@@ -81,7 +82,7 @@ class Diffusion:
         return ((x.float() + 1) / 2).clamp(0, 1)
 
     def latent_shape(self, n: int) -> tuple[int, ...]:
-        c = self.unet.config.in_channels
+        c = self.unet.config.out_channels
         s = self.unet.config.sample_size
         return (n, c, s, s)
 
@@ -93,7 +94,16 @@ class Diffusion:
             r = self.resolution
             time_ids = torch.tensor([r, r, 0, 0, r, r], device=latents.device, dtype=prompts.pooled.dtype)
             added = {"text_embeds": prompts.pooled, "time_ids": time_ids.expand(len(latents), -1)}
-        return self.unet(latents, t, encoder_hidden_states=prompts.hidden, added_cond_kwargs=added).sample
+        return self.unet(self.unet_input(latents), t, encoder_hidden_states=prompts.hidden,
+                         added_cond_kwargs=added).sample
+
+    def unet_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """The latents, and with `coordinates` two more channels: y and x of each latent pixel in [-1, 1].
+        Convolutions are translation-equivariant, so without them the UNet can tell where it draws only from the
+        zero padding at the borders (the micro model without them places objects at chance)."""
+        if not self.coordinates:
+            return latents
+        return torch.cat([latents, coordinate_grid(latents)], dim=1)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Prompts:
@@ -144,6 +154,13 @@ class Diffusion:
         return DDIMScheduler.from_config(self.scheduler.config)
 
 
+def coordinate_grid(latents: torch.Tensor) -> torch.Tensor:
+    """(N, 2, H, W): the y and x of each pixel of `latents`, from -1 (top, left) to 1 (bottom, right)."""
+    n, _, h, w = latents.shape
+    y, x = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    return torch.stack([y, x]).to(latents).expand(n, -1, -1, -1)
+
+
 def _resolve(path: str | os.PathLike) -> str:
     if str(path) == "micro":
         path = MICRO_WEIGHTS
@@ -181,7 +198,8 @@ def load(path: str | os.PathLike = "micro", device: str | torch.device = "cpu", 
         raise ModelNotFound(f"model.path: cannot load {where}{offline}: {first}") from e
     resolution = index.get("resolution") or unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     model = Diffusion(name or Path(where).name, unet, text_encoder, tokenizer, scheduler, vae, int(resolution),
-                      text_encoder_2, tokenizer_2, bool(index.get("force_zeros_for_empty_prompt", False)))
+                      text_encoder_2, tokenizer_2, bool(index.get("force_zeros_for_empty_prompt", False)),
+                      bool(index.get("coordinates", False)))
     for module in (unet, text_encoder, text_encoder_2, vae):
         if module is not None:
             module.requires_grad_(False).eval().to(device)

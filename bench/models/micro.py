@@ -61,11 +61,13 @@ def build_text_encoder(tokenizer: PreTrainedTokenizerFast) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def build_unet(channels: tuple[int, ...] = (48, 96, 96), layers_per_block: int = 1) -> UNet2DConditionModel:
-    """Attention (self + cross) at 8x8 and 4x4 only: at 16x16 it made a CPU training step 2.5x slower."""
+def build_unet(channels: tuple[int, ...] = (48, 96, 96), layers_per_block: int = 1,
+               coordinates: bool = False) -> UNet2DConditionModel:
+    """Attention (self + cross) at 8x8 and 4x4 only: at 16x16 it made a CPU training step 2.5x slower.
+    `coordinates`: two more input channels for the (y, x) grid `Diffusion.unet_input` appends."""
     return UNet2DConditionModel(
         sample_size=16,
-        in_channels=12,
+        in_channels=12 + 2 * coordinates,
         out_channels=12,
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(channels) - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (len(channels) - 1) + ("UpBlock2D",),
@@ -87,6 +89,15 @@ def build_scheduler(prediction: str = "v_prediction") -> DDPMScheduler:
                          timestep_spacing="trailing")
 
 
+def with_coordinates(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A UNet state dict without coordinate inputs, for a UNet with them: conv_in's two new input channels start
+    at zero, so the model computes what it did until training gives them weight."""
+    state = dict(state)
+    w = state["conv_in.weight"]
+    state["conv_in.weight"] = torch.cat([w, w.new_zeros(w.shape[0], 2, *w.shape[2:])], dim=1)
+    return state
+
+
 def save(path: Path, unet, text_encoder, tokenizer, scheduler, dtype=torch.float16) -> None:
     """Write the diffusers folder layout. fp16 on disk keeps the committed weights small; loading casts back."""
     path = Path(path)
@@ -101,6 +112,7 @@ def save(path: Path, unet, text_encoder, tokenizer, scheduler, dtype=torch.float
                 "_class_name": "PeftbenchMicroPipeline",
                 "latent_codec": "space_to_depth",
                 "resolution": world.SIZE,
+                "coordinates": unet.config.in_channels > unet.config.out_channels,
                 "unet": ["diffusers", "UNet2DConditionModel"],
                 "text_encoder": ["transformers", "CLIPTextModel"],
                 "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
