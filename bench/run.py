@@ -53,6 +53,7 @@ class Job:
     model: models.Diffusion
     method: run_method.AdapterMethod | run_method.NoMethod
     fingerprint: str  # of the model's weights: retrained weights under the same path are another config
+    data_fingerprint: str  # of the task's data (DreamBench: its images), hashed once per job
     job_dir: Path
 
 
@@ -107,7 +108,8 @@ def load(cfg: DictConfig, job_dir: Path, overrides: list[str]) -> tuple[Job, int
         discard_empty(job_dir)
         message = from_method_error(str(e), cfg, typed_keys(overrides)) if isinstance(e, methods.MethodError) else e
         raise UsageError(str(message)) from None
-    return Job(cfg, task, model, method, model_fingerprint(model), job_dir), summary["trainable_params"]
+    job = Job(cfg, task, model, method, model_fingerprint(model), task.fingerprint(), job_dir)
+    return job, summary["trainable_params"]
 
 
 def parallel_jobs() -> int:
@@ -178,7 +180,7 @@ def attempt(job: Job, unit: str, run_dir: Path, stub: dict) -> None:
     record = {**stub, "run": dict(stub["run"]), "method": method_part(cfg, summary),
               "baseline": {"metrics": baseline.metrics},
               "meta": {**records.environment(), "model_fingerprint": job.fingerprint,
-                       "dataset_fingerprint": job.task.fingerprint()}}
+                       "dataset_fingerprint": job.data_fingerprint}}
     records.write_record(run_dir, record)
     note_in_sweep(run_dir / records.RECORD_NAME)
     tracker = loggers.create(cfg.logger, record["run"]["id"], record["run"]["config"],
@@ -208,7 +210,7 @@ def method_part(cfg: DictConfig, summary: dict) -> dict:
 def sample_baseline(job: Job, unit: str, requests, drift_requests) -> Baseline:
     """The base model on the unit's requests, without any control (cached per weights, data and sampler)."""
     cfg, model = job.cfg, job.model
-    base_key = key(job.fingerprint, job.task.fingerprint(), [(r.prompt, r.seed) for r in requests],
+    base_key = key(job.fingerprint, job.data_fingerprint, [(r.prompt, r.seed) for r in requests],
                    [(r.prompt, r.seed) for r in drift_requests], cfg.task.ddim_steps, cfg.task.guidance,
                    cfg.precision, str(model.device))
     cache = Path(cfg.cache_dir) / "baseline"
