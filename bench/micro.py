@@ -4,6 +4,7 @@
                                                  # new machine from the committed weights; SIGTERM stops it
                                                  # with a checkpoint
     python -m bench.micro check                  # JSON: per-attribute accuracy on 256 held-out captions
+    python -m bench.micro check --out A --against B   # and A − B per attribute, paired over the same captions
 
 Training renders scenes on the fly (`tasks.micro.world`), so no image is seen twice; captions leave out each
 attribute with probability 0.2 and are replaced by the empty caption with probability 0.1 (classifier-free
@@ -30,11 +31,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from results import record as records
+from results import stats
 from tasks.micro import parse, world
 
 from . import models
@@ -59,27 +62,47 @@ def held_out(n: int) -> tuple[list[str], list[world.Scene]]:
     return [world.caption(s) for s in scenes], scenes
 
 
+def caption_scores(model: models.Diffusion, n: int = 256, guidance: float = 2.0, steps: int = 25) -> pd.DataFrame:
+    """One row per held-out caption (seed = its index): the number of objects it asks for, each attribute's match
+    of the parsed sample (`parse.attribute_match`) and their mean, `prompt_fidelity`."""
+    captions, scenes = held_out(n)
+    images = generate(model, captions, seeds=range(n), steps=steps, guidance=guidance)
+    rows = []
+    for img, cap, scene in zip(images, captions, scenes):
+        scores = parse.attribute_match(parse.parse(img.permute(1, 2, 0).numpy()), world.parse_caption(cap))
+        rows.append({"objects": len(scene.objects), **scores, "prompt_fidelity": float(np.mean(list(scores.values())))})
+    return pd.DataFrame(rows)
+
+
 def evaluate(model: models.Diffusion, n: int = 256, guidance: float = 2.0, steps: int = 25,
              by_object_count: bool = False) -> dict:
     """Per-attribute accuracy of the parsed samples against their full held-out captions (fixed seeds); with
     `by_object_count`, also per number of objects the caption asks for (attribute binding gets harder with more)."""
-    captions, scenes = held_out(n)
-    images = generate(model, captions, seeds=range(n), steps=steps, guidance=guidance)
-    per_attr: dict[str, list[float]] = {}
-    per_count: dict[int, dict[str, list[float]]] = {}
-    fidelity = []
-    for img, cap, scene in zip(images, captions, scenes):
-        scores = parse.attribute_match(parse.parse(img.permute(1, 2, 0).numpy()), world.parse_caption(cap))
-        for k, v in scores.items():
-            per_attr.setdefault(k, []).append(v)
-            per_count.setdefault(len(scene.objects), {}).setdefault(k, []).append(v)
-        fidelity.append(float(np.mean(list(scores.values()))))
-    out = {k: round(float(np.mean(v)), 4) for k, v in per_attr.items()}
-    out["prompt_fidelity"] = round(float(np.mean(fidelity)), 4)
+    return summarise(caption_scores(model, n, guidance, steps), by_object_count)
+
+
+def summarise(rows: pd.DataFrame, by_object_count: bool = False) -> dict:
+    attributes = rows.drop(columns="objects")
+    out = {k: round(float(v), 4) for k, v in attributes.mean().items()}
     if by_object_count:
-        out["by_object_count"] = {str(c): {"captions": len(v["shape"]), **{k: round(float(np.mean(x)), 4)
-                                                                            for k, x in v.items()}}
-                                  for c, v in sorted(per_count.items())}
+        out["by_object_count"] = {str(c): {"captions": len(g), **{k: round(float(v), 4) for k, v in
+                                                                  g.drop(columns="objects").mean().items()}}
+                                  for c, g in rows.groupby("objects")}
+    return out
+
+
+def paired_differences(rows: pd.DataFrame, other: pd.DataFrame) -> dict:
+    """Per attribute (overall and per object count): Δ = mean(rows − other) over the same captions and seeds, its
+    95% bootstrap CI and the paired sign-flip p (`results.stats.compare`; captions are the units)."""
+
+    def delta(a: pd.Series, b: pd.Series) -> dict:
+        c = stats.compare(stats.sample(a.to_numpy()), stats.sample(b.to_numpy()))
+        return {"delta": round(c.delta, 4), "ci": [round(c.lo, 4), round(c.hi, 4)], "p": round(c.p, 4)}
+
+    attributes = [k for k in rows.columns if k != "objects"]
+    out = {k: delta(rows[k], other[k]) for k in attributes}
+    out["by_object_count"] = {str(c): {k: delta(g[k], other.loc[g.index, k]) for k in attributes}
+                              for c, g in rows.groupby("objects")}
     return out
 
 
@@ -213,17 +236,23 @@ def train(args: argparse.Namespace) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
+    """The JSON report; with `--against`, also the paired differences to those weights on the same captions."""
     model = models.load(args.out)
     t0 = time.time()
-    scores = evaluate(model, n=args.eval_n, guidance=args.guidance, by_object_count=True)
+    rows = caption_scores(model, n=args.eval_n, guidance=args.guidance)
     curve_file = Path(args.out) / "learning_curve.json"
     curve = json.loads(curve_file.read_text()) if curve_file.exists() else []
-    print(json.dumps({"captions": args.eval_n, "guidance": args.guidance, "ddim_steps": 25,
-                      "seconds": round(time.time() - t0, 1), "accuracy": scores,
-                      "chance": {"background": 1 / len(world.COLORS), "color": 1 / (len(world.COLORS) - 1),
-                                 "shape": 1 / len(world.SHAPES), "size": 1 / len(world.SIZES),
-                                 "position": 1 / len(world.POSITIONS)},
-                      "learning_curve": curve}, indent=1))
+    report = {"captions": args.eval_n, "guidance": args.guidance, "ddim_steps": 25,
+              "seconds": round(time.time() - t0, 1), "accuracy": summarise(rows, by_object_count=True),
+              "chance": {"background": 1 / len(world.COLORS), "color": 1 / (len(world.COLORS) - 1),
+                         "shape": 1 / len(world.SHAPES), "size": 1 / len(world.SIZES),
+                         "position": 1 / len(world.POSITIONS)},
+              "learning_curve": curve}
+    if args.against:
+        other = caption_scores(models.load(args.against), n=args.eval_n, guidance=args.guidance)
+        report["against"] = {"weights": args.against, "accuracy": summarise(other, by_object_count=True),
+                             "difference": paired_differences(rows, other)}
+    print(json.dumps(report, indent=1))
 
 
 def main() -> None:
@@ -241,6 +270,8 @@ def main() -> None:
     p.add_argument("--eval-every", type=float, default=10.0, help="minutes between learning-curve points")
     p.add_argument("--eval-n", type=int, default=256, help="held-out captions per evaluation")
     p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--against", default=None,
+                   help="check: also these weights on the same captions and seeds, and the paired differences")
     p.add_argument("--prediction", choices=["v_prediction", "epsilon"], default="v_prediction",
                    help="what the UNet predicts; the committed weights: epsilon to step 3242, then v")
     p.add_argument("--coordinates", action="store_true",

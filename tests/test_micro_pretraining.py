@@ -40,6 +40,11 @@ def test_pretraining_resumes_and_switches_target(tmp_path):
     counts = report["accuracy"]["by_object_count"]
     assert sum(c["captions"] for c in counts.values()) == 6 and set(counts) <= {"1", "2", "3"}
     assert all(0 <= c["shape"] <= 1 for c in counts.values())
+    out = subprocess.run([*cmd, "--against", str(tmp_path / "weights")], capture_output=True, text=True, env=ENV,
+                         timeout=600)
+    same = json.loads(out.stdout)["against"]
+    assert same["accuracy"] == report["accuracy"]  # fixed seeds: the same weights sample the same images
+    assert same["difference"]["color"] == {"delta": 0.0, "ci": [0.0, 0.0], "p": 1.0}
     # --coordinates from weights without the grid: a warm start (no state file) that extends their curve
     plain = model.unet.state_dict()
     curve = pretrain(tmp_path, "--steps", "1", "--coordinates", "--state", str(tmp_path / "xy.pt"))
@@ -47,3 +52,25 @@ def test_pretraining_resumes_and_switches_target(tmp_path):
     xy = models.load(tmp_path / "weights")
     assert xy.coordinates and xy.unet.conv_in.in_channels == 14
     assert not torch.equal(xy.unet.conv_in.weight[:, :12], plain["conv_in.weight"])  # trained on, not rebuilt
+
+
+def test_paired_differences_pair_captions_overall_and_per_object_count():
+    import numpy as np
+    import pandas as pd
+
+    from bench.micro import paired_differences, summarise
+
+    rng = np.random.default_rng(0)
+    objects = np.repeat([1, 2, 3], 20)
+    other = pd.DataFrame({"objects": objects, "color": rng.integers(0, 2, 60).astype(float),
+                          "shape": rng.random(60)})
+    better = other.assign(color=np.where(objects == 3, 1.0, other.color))  # three-object captions get their colour
+    diff = paired_differences(better, other)
+    gained = float((1 - other.color[objects == 3]).mean())
+    assert diff["by_object_count"]["3"]["color"]["delta"] == pytest.approx(gained, abs=1e-4) and gained > 0.3
+    assert diff["by_object_count"]["3"]["color"]["p"] < 0.01 and diff["color"]["ci"][0] > 0
+    assert diff["by_object_count"]["1"]["color"] == {"delta": 0.0, "ci": [0.0, 0.0], "p": 1.0}
+    assert diff["shape"]["delta"] == 0.0
+    summary = summarise(better, by_object_count=True)
+    assert summary["by_object_count"]["3"] == {"captions": 20, "color": 1.0,
+                                               "shape": round(float(other["shape"][objects == 3].mean()), 4)}
