@@ -82,6 +82,7 @@ def evaluate(model: models.Diffusion, n: int = 256, guidance: float = 2.0, steps
 
 
 def summarise(rows: pd.DataFrame, by_object_count: bool = False) -> dict:
+    """`caption_scores` rows -> each attribute's accuracy (and per object count, with how many captions)."""
     attributes = rows.drop(columns="objects")
     out = {k: round(float(v), 4) for k, v in attributes.mean().items()}
     if by_object_count:
