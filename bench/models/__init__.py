@@ -99,8 +99,8 @@ class Diffusion:
 
     def unet_input(self, latents: torch.Tensor) -> torch.Tensor:
         """The latents, and with `coordinates` two more channels: y and x of each latent pixel in [-1, 1].
-        Convolutions are translation-equivariant, so without them the UNet can tell where it draws only from the
-        zero padding at the borders (the micro model without them places objects at chance)."""
+        Convolutions are translation-equivariant, so without them only the zero padding at the borders tells the UNet
+        where it draws (a pretraining lever; docs/micro-model.md says what it moved: nothing, in 2100 steps)."""
         if not self.coordinates:
             return latents
         return torch.cat([latents, coordinate_grid(latents)], dim=1)
