@@ -83,7 +83,7 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None) -> float:
     if job.method.trains_adapter:
         log.info("%s: lr %.3g (%s)", cfg.method.name, lr, source)
     cfg = tune.with_lr(cfg, lr, source)
-    done = [unit_record(cfg, unit, job_dir / unit) for unit in units]
+    done = [unit_record(cfg, unit, job_dir / unit) for unit in staggered(units)]
     scores = [tune.objective(job.task, r["metrics"], r["metric_info"]) for r in done if r["run"]["status"] == "success"]
     return sum(scores) / len(scores) if scores else math.nan
 
@@ -110,6 +110,14 @@ def load(cfg: DictConfig, job_dir: Path, overrides: list[str]) -> tuple[Job, int
         raise UsageError(str(message)) from None
     job = Job(cfg, task, model, method, model_fingerprint(model), task.fingerprint(), job_dir)
     return job, summary["trainable_params"]
+
+
+def staggered(units: list[str]) -> list[str]:
+    """The units starting at the k-th for the sweep's k-th job: jobs that run side by side then start on different
+    units, and each samples its first unit's baseline instead of all of them waiting for one job to sample it."""
+    k = OmegaConf.select(HydraConfig.get(), "job.num", default=0) if HydraConfig.initialized() else 0
+    k = (k or 0) % max(1, len(units))
+    return units[k:] + units[:k]
 
 
 def parallel_jobs() -> int:
@@ -208,14 +216,15 @@ def method_part(cfg: DictConfig, summary: dict) -> dict:
 
 
 def sample_baseline(job: Job, unit: str, requests, drift_requests) -> Baseline:
-    """The base model on the unit's requests, without any control (cached per weights, data and sampler)."""
+    """The base model on the unit's requests, without any control (cached per weights, data and sampler). The drift
+    requests are the same for every unit, so their images are sampled once per sweep, not once per unit."""
     cfg, model = job.cfg, job.model
-    base_key = key(job.fingerprint, job.data_fingerprint, [(r.prompt, r.seed) for r in requests],
-                   [(r.prompt, r.seed) for r in drift_requests], cfg.task.ddim_steps, cfg.task.guidance,
-                   cfg.precision, str(model.device))
+    sampler = (cfg.task.ddim_steps, cfg.task.guidance, cfg.precision, str(model.device))
     cache = Path(cfg.cache_dir) / "baseline"
+    base_key = key(job.fingerprint, job.data_fingerprint, [(r.prompt, r.seed) for r in requests], *sampler)
     images = cached(cache / f"{base_key}.pt", lambda: images_of(model, requests, cfg))
-    drift = cached(cache / f"{base_key}-drift.pt", lambda: images_of(model, drift_requests, cfg)) \
+    drift_key = key(job.fingerprint, [(r.prompt, r.seed) for r in drift_requests], *sampler)
+    drift = cached(cache / f"{drift_key}-drift.pt", lambda: images_of(model, drift_requests, cfg)) \
         if drift_requests else None
     return Baseline(images, drift, job.task.score(unit, requests, images, None, None).metrics)
 
@@ -242,8 +251,12 @@ def train(job: Job, record: dict, data, prior, requests, drift_requests, baselin
                        "memory_source": memory.source, "loss_first": result.losses[0],
                        "loss_last": result.losses[-1], "loss_curve": result.losses[::stride]}
     sample_start = time.perf_counter()
-    images = images_of(model, requests, cfg, encoder)
-    drift_images = images_of(model, drift_requests, cfg) if drift_requests else None
+    if encoder is None:  # one pass for both: a micro sampling step costs per UNet call more than per image
+        both = images_of(model, requests + drift_requests, cfg)
+        images, drift_images = both[:len(requests)], both[len(requests):] if drift_requests else None
+    else:  # the drift requests are sampled without the control
+        images = images_of(model, requests, cfg, encoder)
+        drift_images = images_of(model, drift_requests, cfg) if drift_requests else None
     return images, drift_images, time.perf_counter() - sample_start
 
 
@@ -311,11 +324,13 @@ def key(*parts) -> str:
 
 
 def cached(path: Path, make):
-    """torch-saved value at `path`, made once (written atomically, so a killed job leaves no half file)."""
-    if path.exists():
-        return torch.load(path, weights_only=True)
-    value = make()
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    records.atomic_write(path, buffer.getvalue())
-    return value
+    """torch-saved value at `path`, made once (written atomically, so a killed job leaves no half file). Jobs that
+    run side by side need the same base-model samples at the same time: a lock lets one make them while the others
+    wait for the file instead of sampling it again."""
+    if not path.exists():
+        with records.exclusive(path.with_name(f".{path.name}.lock")):
+            if not path.exists():
+                buffer = io.BytesIO()
+                torch.save(make(), buffer)
+                records.atomic_write(path, buffer.getvalue())
+    return torch.load(path, weights_only=True)

@@ -138,9 +138,10 @@ def finetune(
             on_step(step, value)
     model.unet.eval()
     seconds = time.perf_counter() - t0
-    if losses:
-        log.info("fine-tuned %d steps in %.1f s: loss %.4g -> %.4g (running mean over %d steps)", steps, seconds,
-                 running_mean(losses[:LOSS_WINDOW]), running_mean(losses), min(LOSS_WINDOW, len(losses)))
+    if losses:  # first vs last window, at most half the run each so that they never coincide
+        window = max(1, min(LOSS_WINDOW, len(losses) // 2))
+        log.info("fine-tuned %d steps in %.1f s: loss %.4g -> %.4g (mean of the first and last %d steps)", steps,
+                 seconds, sum(losses[:window]) / window, sum(losses[-window:]) / window, window)
     return TrainResult(steps, seconds, losses)
 
 

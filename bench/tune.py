@@ -27,7 +27,6 @@ the entry was tuned for the same budget, steps and model weights, and its record
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
@@ -37,7 +36,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from results.record import atomic_write
+from results.record import atomic_write, exclusive
 
 log = logging.getLogger(__name__)
 MATCH = ("task", "model", "model_fingerprint", "budget", "trainable_params", "steps")  # a tuned entry's scope
@@ -183,8 +182,7 @@ def save_study(cfg: DictConfig, task, units: list[str], fingerprint: str, traina
 
 def _update_yaml(path: Path, method: str, entry: dict) -> None:
     """Set one method's entry in tuned.yaml; parallel studies (one per method) take a lock to read-modify-write."""
-    with open(path.with_name(".tuned.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive(path.with_name(".tuned.lock")):
         data = read_tuned(path)
         data[method] = entry
         header = ("# Learning rates tuned per method on validation units (bench/tune.py), one entry per method:\n"

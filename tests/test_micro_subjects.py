@@ -57,10 +57,10 @@ def test_validation_and_test_are_disjoint_and_cover_the_set():
     assert {"checker", "bullseye", "stripes", "window", "split", "dotted"} <= test
 
 
-def test_default_is_eight_test_subjects_two_per_class_word():
-    assert set(subjects.DEFAULT) <= set(subjects.TEST) and len(subjects.DEFAULT) == 8
-    assert sorted(subjects.SUBJECTS[n].shape for n in subjects.DEFAULT) == sorted(world.SHAPES * 2)  # two per word
-    assert MicroDreamBooth(OmegaConf.create({"subjects": None})).units() == list(subjects.DEFAULT)
+def test_no_subject_list_means_every_subject_of_the_split():
+    assert MicroDreamBooth(OmegaConf.create({"subjects": None})).units() == list(subjects.TEST)
+    assert MicroDreamBooth(OmegaConf.create({"subjects": None, "split": "validation"})).units() == list(
+        subjects.VALIDATION)
     assert MicroDreamBooth(OmegaConf.create({"subjects": ["split"]})).units() == ["split"]
 
 

@@ -15,7 +15,8 @@ the 22 new ones get two-word sequences of rare words ("tyg sks"); every sequence
 trained on one subject only, so sharing a word between identifiers of different subjects does not leak.
 
 Splits: `VALIDATION` (4 subjects, one per class word: learning-rate tuning), `TEST` (the other 24: reported
-results), disjoint; `DEFAULT` (what a run trains when task.subjects is null) is 8 test subjects, two per class word.
+results), disjoint. A run with task.subjects null trains every subject of its split, as on DreamBench: 24 test
+subjects are what the main sweep needs to detect a paired difference of 0.10 (docs/micro-metrics.md, "Power").
 
 Each subject has five reference images (varying background and position, always big) and ten evaluation prompts in
 DreamBench's two families: new context (three backgrounds, another object, another object on a background) and
@@ -143,12 +144,6 @@ SUBJECTS: dict[str, Subject] = {
 # Learning-rate tuning uses VALIDATION only; reported results use TEST. One validation subject per class word.
 VALIDATION = ("ring_square", "saltire_circle", "diagonal_triangle", "bullseye_cross")
 TEST = tuple(n for n in SUBJECTS if n not in VALIDATION)
-
-# The subjects a run trains when `task.subjects` is null: two test subjects per class word. Eight, because the paired
-# sign-flip test over units cannot reach p < 0.05 with fewer than six units (its smallest p is 2/2^n), and Holm over
-# the main sweep's comparisons asks for less than that; eight subjects x three methods at 100 steps is what the main
-# sweep (`python -m bench -m method=mobius,oft,lora task=dreambooth`) fits in about 10 minutes on 2 cores.
-DEFAULT = ("checker", "bullseye", "stripes", "dotted", "window", "split", "split_triangle", "tophalf_cross")
 
 REFERENCE_POSITIONS = (4, 0, 8, 2, 6)  # centre, then the four corners
 

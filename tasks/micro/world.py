@@ -127,34 +127,28 @@ def sample_scene(rng: np.random.Generator, max_objects: int = 3) -> Scene:
 # ---------------------------------------------------------------------------------------------------------------
 # Captions
 # ---------------------------------------------------------------------------------------------------------------
-ATTRIBUTES = ("size", "color", "shape", "position")
-
-
 def describe(obj: Obj, keep: dict[str, bool] | None = None) -> str:
-    """'a big red circle in the top left'; size, colour or position with keep[attr] False are left out
-    ('a circle in the top left'). The shape is always named."""
+    """'a big red circle'; size or colour with keep[attr] False are left out ('a circle'). The shape is always
+    named; the position never is (below)."""
     keep = keep or {}
-    words = []
-    if keep.get("size", True):
-        words.append(obj.size)
+    words = [obj.size] if keep.get("size", True) else []
     if keep.get("color", True):
         words.append(obj.color)
-    words.append(obj.shape)
-    phrase = " ".join(words)
-    if keep.get("position", True):
-        phrase += f" in the {POSITIONS[obj.position]}"
+    phrase = " ".join(words + [obj.shape])
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
 def caption(scene: Scene, rng: np.random.Generator | None = None, omit_prob: float = 0.0) -> str:
-    """The scene's caption; with `rng` and omit_prob > 0 each size/colour/position/background mention is dropped
-    independently with that probability (so the model also learns captions that leave attributes open)."""
+    """The scene's caption; with `rng` and omit_prob > 0 each size/colour/background mention is dropped
+    independently with that probability (so the model also learns captions that leave attributes open).
+
+    Captions do not name positions: the micro base model placed objects at chance whatever the caption said
+    (docs/micro-model.md), so position words measured noise. `parse_caption` still reads them in a user's prompt."""
 
     def keep() -> bool:
         return rng is None or rng.random() >= omit_prob
 
-    parts = [describe(o, {"size": keep(), "color": keep(), "position": keep()}) for o in scene.objects]
-    text = " and ".join(parts)
+    text = " and ".join(describe(o, {"size": keep(), "color": keep()}) for o in scene.objects)
     if keep():
         text += f" on a {scene.background} background"
     return text
