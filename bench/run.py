@@ -330,7 +330,9 @@ def cached(path: Path, make):
     if not path.exists():
         with records.exclusive(path.with_name(f".{path.name}.lock")):
             if not path.exists():
+                value = make()
                 buffer = io.BytesIO()
-                torch.save(make(), buffer)
+                torch.save(value, buffer)
                 records.atomic_write(path, buffer.getvalue())
+                return value  # the maker does not read back what it just wrote
     return torch.load(path, weights_only=True)
