@@ -262,11 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", metavar="OUT", help="the folder to write (absent or empty)")
     parser.add_argument("--device", default="cpu", help="where to load the model (default cpu)")
     args = parser.parse_args(argv)
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    from bench.models import quiet_loading
 
-    transformers_logging.disable_progress_bar()  # loading bars: an error stays one line
-    diffusers_logging.disable_progress_bar()
+    quiet_loading()
     try:
         path = export_run(args.run_dir, args.to, args.out, args.device)
     except ExportError as e:

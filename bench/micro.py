@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from . import models
 from .models import micro
 from .sample import generate
 from .train import prediction_target
+from .validate import UsageError
 
 log = logging.getLogger(__name__)
 HELD_OUT_SEED = 10_000  # evaluation scenes come from their own stream, never the training one's
@@ -107,6 +109,15 @@ def paired_differences(rows: pd.DataFrame, other: pd.DataFrame) -> dict:
     return out
 
 
+def timesteps(n: int, T: int, high_noise: float) -> torch.Tensor:
+    """Uniform training timesteps, except that a `high_noise` fraction of the batch is drawn from the noisier half
+    [T/2, T), where x_t shows little of the layout and only the caption can say which object is which."""
+    t = torch.randint(0, T, (n,))
+    if high_noise:  # (no extra draws otherwise: the same seed gives the same noise as a uniform run)
+        t = torch.where(torch.rand(n) < high_noise, torch.randint(T // 2, T, (n,)), t)
+    return t
+
+
 def switch_objective(state: dict, old: str, new: str) -> None:
     """Continuing under another prediction target (the committed model went epsilon -> v): warm the lr up again."""
     state["prediction"] = new
@@ -157,6 +168,9 @@ class Pretraining:
             switch_objective(self.state, self.state.get("prediction", "epsilon"), args.prediction)
         elif (Path(args.out) / "learning_curve.json").exists():
             committed = models.load(args.out)
+            if committed.coordinates and not args.coordinates:
+                raise UsageError(f"--coordinates: the weights in {args.out} read a (y, x) grid; pass --coordinates "
+                                 "to continue them")
             unet = committed.unet.state_dict()
             if args.coordinates and not committed.coordinates:
                 unet = micro.with_coordinates(unet)
@@ -178,7 +192,7 @@ class Pretraining:
         images, captions = training_batch(self.rng, args.batch)
         latents = model.encode_images(images)
         noise = torch.randn_like(latents)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),))
+        t = timesteps(len(latents), self.scheduler.config.num_train_timesteps, args.high_noise)
         noisy = self.scheduler.add_noise(latents, noise, t)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             pred = model.predict(noisy, t, model.encode_text(captions))
@@ -277,12 +291,23 @@ def main() -> None:
                    help="what the UNet predicts; the committed weights: epsilon to step 3242, then v")
     p.add_argument("--coordinates", action="store_true",
                    help="the UNet also reads a (y, x) grid (from weights without one: its inputs start at zero)")
+    p.add_argument("--high-noise", type=float, default=0.0,
+                   help="fraction of each batch whose timestep is drawn from the noisier half [T/2, T)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 when sharing a busy machine)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    (train if args.command == "train" else check)(args)
+    models.quiet_loading()
+    try:
+        for flag in ("out", "against") if args.command == "check" else ():
+            path = getattr(args, flag)
+            if path and not (Path(path) / "unet" / "config.json").exists():
+                raise UsageError(f"--{flag}: {path} is not a micro weights folder (no unet/config.json)")
+        (train if args.command == "train" else check)(args)
+    except (UsageError, models.ModelNotFound) as e:  # weights that are absent, corrupt or do not fit the flags
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,13 @@ def test_pretraining_resumes_and_switches_target(tmp_path):
     xy = models.load(tmp_path / "weights")
     assert xy.coordinates and xy.unet.conv_in.in_channels == 14
     assert not torch.equal(xy.unet.conv_in.weight[:, :12], plain["conv_in.weight"])  # trained on, not rebuilt
+    # ... and continuing those weights without --coordinates, or checking a folder without weights: one line, exit 2
+    for bad in (["train", "--out", str(tmp_path / "weights"), "--state", str(tmp_path / "plain.pt")],
+                ["check", "--against", str(tmp_path / "missing")]):
+        out = subprocess.run([sys.executable, "-m", "bench.micro", *bad], capture_output=True, text=True, env=ENV,
+                             timeout=600)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert out.stderr.startswith("error: --coordinates:" if bad[0] == "train" else "error: --against:")
 
 
 def test_paired_differences_pair_captions_overall_and_per_object_count():
@@ -74,3 +81,15 @@ def test_paired_differences_pair_captions_overall_and_per_object_count():
     summary = summarise(better, by_object_count=True)
     assert summary["by_object_count"]["3"] == {"captions": 20, "color": 1.0,
                                                "shape": round(float(other["shape"][objects == 3].mean()), 4)}
+
+
+def test_high_noise_timesteps_draw_that_fraction_from_the_noisier_half():
+    from bench.micro import timesteps
+
+    torch.manual_seed(0)
+    uniform = timesteps(4096, 1000, 0.0)
+    torch.manual_seed(0)
+    assert torch.equal(uniform, torch.randint(0, 1000, (4096,)))  # no lever: the plain draw, seed for seed
+    assert timesteps(4096, 1000, 1.0).min() >= 500
+    upper = (timesteps(4096, 1000, 0.5) >= 500).float().mean().item()
+    assert abs(upper - 0.75) < 0.03  # half from [500, 1000) plus half of the uniform half

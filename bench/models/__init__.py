@@ -22,6 +22,15 @@ from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjecti
 from .micro import WEIGHTS as MICRO_WEIGHTS
 
 
+def quiet_loading() -> None:
+    """No "Loading weights" bars from transformers and diffusers: a command's error stays one line."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+
+
 class ModelNotFound(RuntimeError):
     """Raised with a one-line message naming the path or hub id that could not be loaded."""
 
