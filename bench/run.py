@@ -247,7 +247,8 @@ def train(job: Job, record: dict, data, prior, requests, drift_requests, baselin
                           prior_weight=cfg.task.get("prior_weight", 1.0), precision=cfg.precision,
                           encoder=encoder, on_step=lambda step, loss: tracker.log({"loss": loss}, step=step))
     stride = max(1, len(result.losses) // 200)
-    record["train"] = {"steps": result.steps, "seconds": result.seconds, "peak_memory_mb": memory.mb,
+    record["train"] = {"steps": result.steps, "seconds": result.seconds, "cpu_seconds": result.cpu_seconds,
+                       "peak_memory_mb": memory.mb,
                        "memory_source": memory.source, "loss_first": result.losses[0],
                        "loss_last": result.losses[-1], "loss_curve": result.losses[::stride]}
     sample_start = time.perf_counter()

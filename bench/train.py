@@ -55,7 +55,8 @@ class Examples:
 @dataclasses.dataclass
 class TrainResult:
     steps: int
-    seconds: float
+    seconds: float  # wall time
+    cpu_seconds: float  # this process's CPU time: its own compute, however many jobs shared the cores
     losses: list[float]
 
 
@@ -110,7 +111,7 @@ def finetune(
     gen = torch.Generator().manual_seed(seed)
     losses = []
     model.unet.train()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     bar = tqdm(range(steps), desc="fine-tuning", leave=False)
     for step in bar:
         # instance and class examples share one UNet pass: loss = mean(instance) + prior_weight · mean(class)
@@ -137,12 +138,12 @@ def finetune(
         if on_step is not None:
             on_step(step, value)
     model.unet.eval()
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     if losses:  # first vs last window, at most half the run each so that they never coincide
         window = max(1, min(LOSS_WINDOW, len(losses) // 2))
         log.info("fine-tuned %d steps in %.1f s: loss %.4g -> %.4g (mean of the first and last %d steps)", steps,
                  seconds, sum(losses[:window]) / window, sum(losses[-window:]) / window, window)
-    return TrainResult(steps, seconds, losses)
+    return TrainResult(steps, seconds, cpu_seconds, losses)
 
 
 LOSS_WINDOW = 50  # steps in the running mean the progress bar and the log show

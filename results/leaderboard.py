@@ -9,7 +9,8 @@ Leaderboard columns (stable; `--csv` writes them):
   (95% hierarchical bootstrap CI), `n_M` (runs with a value), `delta_M`, `delta_M_lo`, `delta_M_hi` (paired Δ
   vs the reference method and its CI), `p_M` (sign-flip p over units, Holm-adjusted across the rows compared
   with the reference on that task and metric: the same family as the ranks), `rank_M` (tied rank, a string such as "1–3");
-- costs: trainable_params, stored_params, extra_params, adapter_bytes, train_seconds, peak_memory_mb (each the
+- costs: trainable_params, stored_params, extra_params, adapter_bytes, train_seconds (wall), train_cpu_seconds
+  (the job's CPU time: its own compute even when jobs share the cores), peak_memory_mb (each the
   median over units of the per-unit median over seeds), memory_source, under_budget (trainable parameters below
   0.9 × method.budget).
 Integer columns (n, failed, budget, n_M, parameter counts, bytes) are nullable integers. `board.attrs` keeps
@@ -47,6 +48,7 @@ RESOURCES = {
     "extra_params": "method.extra_params",
     "adapter_bytes": "method.adapter_bytes",
     "train_seconds": "train.seconds",
+    "train_cpu_seconds": "train.cpu_seconds",
     "peak_memory_mb": "train.peak_memory_mb",
 }
 OTHER_STATUSES = ("running", "interrupted", "skipped")  # counted in their own columns where present
@@ -655,6 +657,8 @@ def display(board: pd.DataFrame) -> pd.DataFrame:
         out["extra params"] = board["extra_params"].map(lambda v: "—" if pd.isna(v) else _count(v))
     out["adapter"] = board["adapter_bytes"].map(lambda v: "—" if pd.isna(v) else _bytes(v))
     out["train s"] = board["train_seconds"].map(lambda v: "—" if pd.isna(v) else f"{v:.1f}")
+    if board["train_cpu_seconds"].notna().any():
+        out["train cpu s"] = board["train_cpu_seconds"].map(lambda v: "—" if pd.isna(v) else f"{v:.1f}")
     memory = board["peak_memory_mb"].map(lambda v: "—" if pd.isna(v) else f"{v:.0f}")
     out["peak MB"] = memory + board["memory_source"].map(lambda s: f" ({s})" if isinstance(s, str) and s else "")
     return out
@@ -664,7 +668,8 @@ def notes(board: pd.DataFrame) -> list[str]:
     """The lines printed under a leaderboard: what the intervals, Δ, p and ranks mean, and the MDE per metric."""
     level = board.attrs.get("level", CI_LEVEL)
     lines = [f"Means: over units of each unit's mean over seeds, [{level:.0%} hierarchical bootstrap CI] "
-             "(units, then seeds within units; small-sample t correction). Costs: median over units."]
+             "(units, then seeds within units; small-sample t correction). Costs: median over units; train s is wall "
+             "time (longer when jobs share cores), train cpu s the job's own CPU time."]
     reference = board.attrs.get("reference")
     if reference:
         lines.append(f"Δ vs {reference}: paired over the same (unit, seed), mean of the per-unit differences "

@@ -48,11 +48,13 @@ def test_sweep_writes_one_record_per_method_and_subject(sweep):
         assert r["metric_info"]["micro_subject_fidelity"]["analogue_of"] == "dino"
         assert set(r["baseline"]["metrics"]) >= {"micro_subject_fidelity", "micro_prompt_fidelity"}
         assert r["train"]["steps"] == 4 and r["train"]["peak_memory_mb"] > 0
+        # CPU time of a 1-thread job cannot exceed its wall time by more than the clocks' granularity
+        assert 0 < r["train"]["cpu_seconds"] <= r["train"]["seconds"] * 1.5 + 0.05
     for path in (cwd / "multirun" / "smoke").rglob("record.json"):
         assert path.parent.parent.name == f"experiment=smoke,method={json.loads(path.read_text())['method']['name']}"
         assert (path.parent / "metrics.csv").exists() and (path.parent / "samples.png").exists()
     assert "Leaderboard" in out.stdout and "lora" in out.stdout and "oft" in out.stdout
-    assert "before fine-tuning" in out.stdout
+    assert "before fine-tuning" in out.stdout and "train cpu s" in out.stdout
 
 
 def test_rerun_skips_finished_runs(sweep):

@@ -341,7 +341,8 @@ def test_tied_ranks_on_the_board():
 STABLE = ["task", "dataset", "model", "method", "variant", "budget", "setting", "n", "failed", "lr", "lr_source",
           *[c for m in ("subject_fidelity", "drift") for c in
             (m, f"{m}_lo", f"{m}_hi", f"n_{m}", f"delta_{m}", f"delta_{m}_lo", f"delta_{m}_hi", f"p_{m}", f"rank_{m}")],
-          "trainable_params", "stored_params", "extra_params", "adapter_bytes", "train_seconds", "peak_memory_mb",
+          "trainable_params", "stored_params", "extra_params", "adapter_bytes", "train_seconds", "train_cpu_seconds",
+          "peak_memory_mb",
           "memory_source", "under_budget"]
 
 
