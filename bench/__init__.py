@@ -26,6 +26,9 @@ def local_jobs() -> int:
 
 
 OmegaConf.register_new_resolver("local_jobs", local_jobs, replace=True)
+# `${path_safe:...}`: a sweep job's override string as one directory name. A '/' in a value (model.path=/models/sd15,
+# a hub id) would otherwise nest directories, one per path component.
+OmegaConf.register_new_resolver("path_safe", lambda name: str(name).replace("/", "%2F"), replace=True)
 
 from . import schema  # noqa: E402 - the typed config schemas go into Hydra's ConfigStore before any composition
 

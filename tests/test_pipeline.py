@@ -104,3 +104,17 @@ def test_local_parallel_launcher(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(r["method"]["name"] for r in records(tmp_path / "multirun")) == ["lora", "oft"]
     assert "Leaderboard (2 records" in out.stdout
+
+
+def test_a_path_in_an_override_names_one_job_directory(tmp_path):
+    """model.path=/a/b (or a hub id owner/name) must not nest the sweep's job directory one level per '/'."""
+    from bench.models import MICRO_WEIGHTS
+
+    weights = str(MICRO_WEIGHTS.resolve())
+    out = bench("-m", "experiment=smoke", "method=lora", *ONE_UNIT, "task.steps=1", f"model.path={weights}",
+                f"cache_dir={tmp_path}/cache", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    [record] = (tmp_path / "multirun" / "smoke").rglob("record.json")
+    job = record.parent.parent
+    assert job.parent == tmp_path / "multirun" / "smoke"
+    assert f"model.path={weights.replace('/', '%2F')}" in job.name
