@@ -24,7 +24,6 @@ from .validate import UsageError, check_argv, quiet_libraries
 
 GROUPS = ("method", "task", "model", "logger", "experiment")
 log = logging.getLogger("bench")
-JOB_FAILURES: list[str] = []  # jobs of this process that stopped outside any unit (one line each)
 
 
 def check_group_overrides(argv: list[str]) -> str | None:
@@ -53,7 +52,7 @@ def main(cfg: DictConfig) -> float:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:  # noqa: BLE001 - a job that cannot go on: one line; the other jobs of a sweep go on
-        JOB_FAILURES.append(faults.reason(e))
+        faults.note_job_failure(faults.reason(e))
         log.error("job failed: %s", faults.reason(e))
         log.debug("job failure", exc_info=True)
         return math.nan
@@ -63,8 +62,9 @@ def finish(argv: list[str]) -> int:
     """The exit status of a finished command, printing how many units did not succeed and why."""
     multirun = "-m" in argv or "--multirun" in argv
     status, lines = faults.outcome(faults.touched(multirun))
-    if JOB_FAILURES:
-        lines += [f"{len(JOB_FAILURES)} job(s) stopped outside a unit:", *(f"- {why}" for why in JOB_FAILURES)]
+    stopped = faults.failed_jobs(multirun)
+    if stopped:
+        lines += [f"{len(stopped)} job(s) stopped outside a unit:", *(f"- {why}" for why in stopped)]
         status = 1
     if lines:
         print("\n".join(lines), flush=True)

@@ -25,12 +25,14 @@ from results import record as records
 
 log = logging.getLogger(__name__)
 SWEEP_MANIFEST = "PEFTBENCH_SWEEP_MANIFEST"  # set by bench.callbacks: a file listing the records a sweep touched
+FAILED_JOBS_SUFFIX = ".failed-jobs"  # beside it: one line per job that stopped outside any unit
 STATUS_INTERRUPTED = "interrupted"
 
 _handled: dict[int, object] = {}  # signal -> the handler it had before ours
 _stopping = False
 IN_FLIGHT: dict = {}  # the unit being run: {"path": record path, "stub": minimal record}
 TOUCHED: list[Path] = []  # record paths this process's jobs ran or skipped (the outcome of a single run)
+JOB_FAILURES: list[str] = []  # jobs of this process that stopped outside any unit (one line each)
 
 
 class Interrupted(BaseException):
@@ -177,14 +179,26 @@ def _quietly(action) -> None:
 
 
 def note_in_sweep(path: Path) -> None:
-    """Add a record path to this process's list and to the sweep manifest. One write(2) of one short line on an
-    O_APPEND descriptor: parallel jobs' lines never interleave or overwrite each other."""
+    """Add a record path to this process's list and to the sweep manifest."""
     TOUCHED.append(path)
+    _append_to_sweep("", f"{Path(path).resolve()}")
+
+
+def note_job_failure(why: str) -> None:
+    """A job that stopped outside any unit (no record says so): this process's list and the sweep's failure list,
+    which the launching process reads when the job ran in a worker process (joblib, SLURM)."""
+    JOB_FAILURES.append(why)
+    _append_to_sweep(FAILED_JOBS_SUFFIX, why)
+
+
+def _append_to_sweep(suffix: str, line: str) -> None:
+    """One write(2) of one short line on an O_APPEND descriptor: parallel jobs' lines never interleave or overwrite
+    each other."""
     manifest = os.environ.get(SWEEP_MANIFEST)
     if manifest:
-        fd = os.open(manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(manifest + suffix, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, f"{Path(path).resolve()}\n".encode())
+            os.write(fd, f"{line}\n".encode())
         finally:
             os.close(fd)
 
@@ -199,6 +213,16 @@ def touched(multirun: bool) -> list[Path]:
         if manifest.is_file():
             return [Path(p) for p in dict.fromkeys(manifest.read_text().split())]
     return list(dict.fromkeys(TOUCHED))
+
+
+def failed_jobs(multirun: bool) -> list[str]:
+    """Why each job of this command stopped outside any unit: the sweep's list (every launcher's jobs) or this
+    process's."""
+    manifest = os.environ.get(SWEEP_MANIFEST)
+    if multirun and manifest:
+        failures = Path(manifest + FAILED_JOBS_SUFFIX)
+        return failures.read_text().splitlines() if failures.is_file() else []
+    return list(JOB_FAILURES)
 
 
 def outcome(paths: list[Path], limit: int = 10) -> tuple[int, list[str]]:

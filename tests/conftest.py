@@ -38,7 +38,7 @@ def command_line(monkeypatch, capsys):
     from results import __main__ as results_main
 
     monkeypatch.setattr(faults, "TOUCHED", [])  # the outcome of this command only, not of earlier in-process runs
-    monkeypatch.setattr(bench_main, "JOB_FAILURES", [])
+    monkeypatch.setattr(faults, "JOB_FAILURES", [])
     monkeypatch.setenv("PYTHONWARNINGS", os.environ.get("PYTHONWARNINGS", ""))  # cli() extends it; restored after
     programs = {"bench": bench_main.cli, "results": lambda: results_main.main(sys.argv[1:])}
 

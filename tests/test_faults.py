@@ -190,6 +190,28 @@ def test_outcome_counts_what_did_not_succeed(tmp_path):
                                      "- lora-u-s0-b [failed]: Diverged: loss nan"]
 
 
+def _fail_a_job(manifest: str, why: str) -> None:
+    os.environ[faults.SWEEP_MANIFEST] = manifest
+    faults.note_job_failure(why)
+
+
+def test_a_job_that_stops_outside_a_unit_in_a_worker_process_fails_the_sweep(tmp_path, monkeypatch):
+    """Jobs run in worker processes (the default joblib launcher): their failures reach the launching process's
+    exit status through the sweep's failure list, not through the workers' memory."""
+    from bench.__main__ import finish
+
+    manifest = str(tmp_path / "manifest.txt")
+    monkeypatch.setenv(faults.SWEEP_MANIFEST, manifest)
+    monkeypatch.setattr(faults, "JOB_FAILURES", [])
+    assert finish(["-m", "method=lora"]) == 0
+    worker = multiprocessing.get_context("spawn").Process(target=_fail_a_job,
+                                                          args=(manifest, "MemoryError: while loading the model"))
+    worker.start()
+    worker.join()
+    assert faults.JOB_FAILURES == [] and finish(["-m", "method=lora"]) == 1
+    assert faults.failed_jobs(multirun=True) == ["MemoryError: while loading the model"]
+
+
 # ------------------------------------------------------------------------------------------- end to end (slow)
 
 
