@@ -200,12 +200,14 @@ def test_a_job_that_stops_outside_a_unit_in_a_worker_process_fails_the_sweep(tmp
     exit status through the sweep's failure list, not through the workers' memory."""
     from bench.__main__ import finish
 
-    manifest = str(tmp_path / "manifest.txt")
-    monkeypatch.setenv(faults.SWEEP_MANIFEST, manifest)
+    manifest = tmp_path / "manifest.txt"
+    manifest.write_text("")  # the sweep's units: none yet, so only the failure list can fail it
+    monkeypatch.setenv(faults.SWEEP_MANIFEST, str(manifest))
     monkeypatch.setattr(faults, "JOB_FAILURES", [])
+    monkeypatch.setattr(faults, "TOUCHED", [])
     assert finish(["-m", "method=lora"]) == 0
     worker = multiprocessing.get_context("spawn").Process(target=_fail_a_job,
-                                                          args=(manifest, "MemoryError: while loading the model"))
+                                                          args=(str(manifest), "MemoryError: while loading the model"))
     worker.start()
     worker.join()
     assert faults.JOB_FAILURES == [] and finish(["-m", "method=lora"]) == 1
