@@ -64,7 +64,7 @@ def held_out(n: int) -> tuple[list[str], list[world.Scene]]:
     return [world.caption(s) for s in scenes], scenes
 
 
-def caption_scores(model: models.Diffusion, n: int = 256, guidance: float = 2.0, steps: int = 25) -> pd.DataFrame:
+def caption_scores(model: models.Diffusion, n: int = 256, guidance: float = 1.5, steps: int = 25) -> pd.DataFrame:
     """One row per held-out caption (seed = its index): the number of objects it asks for, each attribute's match
     of the parsed sample (`parse.attribute_match`) and their mean, `prompt_fidelity`."""
     captions, scenes = held_out(n)
@@ -76,7 +76,7 @@ def caption_scores(model: models.Diffusion, n: int = 256, guidance: float = 2.0,
     return pd.DataFrame(rows)
 
 
-def evaluate(model: models.Diffusion, n: int = 256, guidance: float = 2.0, steps: int = 25,
+def evaluate(model: models.Diffusion, n: int = 256, guidance: float = 1.5, steps: int = 25,
              by_object_count: bool = False) -> dict:
     """Per-attribute accuracy of the parsed samples against their full held-out captions (fixed seeds); with
     `by_object_count`, also per number of objects the caption asks for (attribute binding gets harder with more)."""
@@ -214,7 +214,7 @@ class Pretraining:
         self.unet.eval(), self.text.eval(), self.ema_unet.eval(), self.ema_text.eval()
         scores = evaluate(self.ema_model, n=args.eval_n, guidance=args.guidance)
         state["curve"].append({"minutes": round(state["minutes"], 1), "step": state["step"],
-                               "prediction": args.prediction, **scores})
+                               "prediction": args.prediction, "guidance": args.guidance, **scores})
         log.info("step %d, %.1f min: %s", state["step"], state["minutes"], scores)
         state["rng"] = self.rng.bit_generator.state
         buffer = io.BytesIO()
@@ -284,7 +284,7 @@ def main() -> None:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast (slower on CPUs without bf16 units)")
     p.add_argument("--eval-every", type=float, default=10.0, help="minutes between learning-curve points")
     p.add_argument("--eval-n", type=int, default=256, help="held-out captions per evaluation")
-    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance (the micro tasks' value, conf/model/micro.yaml)")
     p.add_argument("--against", default=None,
                    help="check: also these weights on the same captions and seeds, and the paired differences")
     p.add_argument("--prediction", choices=["v_prediction", "epsilon"], default="v_prediction",

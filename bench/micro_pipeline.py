@@ -55,7 +55,7 @@ class PeftbenchMicroPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], seeds: int | list[int] | None = None, num_inference_steps: int = 25,
-                 guidance_scale: float = 2.0, output_type: str = "pil", return_dict: bool = True):
+                 guidance_scale: float = 1.5, output_type: str = "pil", return_dict: bool = True):
         """Image i from prompt[i] and seeds[i] (default 0, 1, ...). output_type: "pil", "np" (N, H, W, 3) or "pt"
         (N, 3, H, W), all in [0, 1]."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)

@@ -26,7 +26,7 @@ def generate(
     prompts: Sequence[str],
     seeds: Sequence[int],
     steps: int = 25,
-    guidance: float = 2.0,
+    guidance: float = 1.5,  # the micro model's scale (conf/model/micro.yaml); Stable Diffusion's is 7.5
     batch_size: int = 64,
     controls: torch.Tensor | None = None,
     encoder=None,

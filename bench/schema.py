@@ -39,6 +39,7 @@ class ModelConfig:
     resolution: int = MISSING
     target_modules: List[str] = MISSING
     method_budget: Optional[int] = None
+    guidance: float = MISSING  # classifier-free guidance scale the tasks sample with (task.guidance)
 
 
 @dataclass

@@ -22,7 +22,8 @@ runs each trial as a whole Hydra job, which cannot report an intermediate score,
 Each study writes `study-<method>.json` (every trial's lr, score, state, seconds, records) and its best setting into
 `tuned.yaml` in the sweep directory. A run reads its lr from `tuned_lrs` (default: the committed file for its model
 and task under `conf/tuned/`; `experiment=tuned`: the sweep's fresh one; `tuned_lrs=null`: the yaml's), only where
-the entry was tuned for the same budget, steps and model weights, and its record says where the lr came from.
+the entry was tuned for the same budget, steps, model weights and sampler (guidance, DDIM steps: the objective is
+measured on its images), and its record says where the lr came from.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from results.record import atomic_write, exclusive
 
 log = logging.getLogger(__name__)
-MATCH = ("task", "model", "model_fingerprint", "budget", "trainable_params", "steps")  # a tuned entry's scope
+MATCH = ("task", "model", "model_fingerprint", "budget", "trainable_params", "steps", "guidance",
+         "ddim_steps")  # a tuned entry's scope: what the objective was measured under
 
 
 def yaml_lr(cfg: DictConfig) -> float:
@@ -48,9 +50,11 @@ def yaml_lr(cfg: DictConfig) -> float:
 
 
 def entry_key(cfg: DictConfig, fingerprint: str, trainable: int) -> dict:
-    """What a tuned lr was tuned for: task, model weights, budget, the size the budget chose, and steps."""
+    """What a tuned lr was tuned for: task, model weights, budget, the size the budget chose, steps, and the
+    sampler the objective's images came from (guidance, DDIM steps)."""
     return {"task": f"{cfg.task.name}/{cfg.model.name}", "model": cfg.model.path, "model_fingerprint": fingerprint,
-            "budget": cfg.method.get("budget"), "trainable_params": trainable, "steps": int(cfg.task.steps)}
+            "budget": cfg.method.get("budget"), "trainable_params": trainable, "steps": int(cfg.task.steps),
+            "guidance": float(cfg.task.guidance), "ddim_steps": int(cfg.task.ddim_steps)}
 
 
 def read_tuned(path: Path) -> dict:
@@ -187,7 +191,7 @@ def _update_yaml(path: Path, method: str, entry: dict) -> None:
         data[method] = entry
         header = ("# Learning rates tuned per method on validation units (bench/tune.py), one entry per method:\n"
                   "# written by `python -m bench -m experiment=tune method=... task=...`; study-<method>.json holds\n"
-                  "# every trial. A run uses an entry only where task, model weights, budget and steps match.\n")
+                  "# every trial. A run uses an entry only where task, model weights, budget, steps and sampler match.\n")
         atomic_write(path, header + yaml.safe_dump(OmegaConf.to_container(OmegaConf.create(data)), sort_keys=True))
 
 

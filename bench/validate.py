@@ -191,6 +191,7 @@ RULES: list[tuple[str, Rule]] = [
     ("model.path", Text(allowed="'micro', a diffusers folder, or a hub id 'owner/name'")),
     ("model.resolution", Int(8)),
     ("model.method_budget", Int(1, null=True)),
+    ("model.guidance", Number(0.0, hint="(classifier-free guidance scale; 1 = the conditional prediction alone)")),
     ("method.name", Text()),
     ("method.variant", Text(null=True, allowed="a variant name")),
     ("method.budget", Int(1, null=True)),

@@ -98,12 +98,19 @@ def test_a_run_uses_a_tuned_entry_only_where_it_matches(tmp_path, caplog):
     path.write_text(yaml.safe_dump({"oft": entry}))
     assert tune.learning_rate(cfg, "fp", 1000) == (0.0123, f"tuned: {path}")
     assert tune.learning_rate(config("method=lora", f"tuned_lrs={path}"), "fp", 1000)[1] == "yaml"  # no entry
-    for override in ("task.steps=7", "model.method_budget=60000"):
+    for override in ("task.steps=7", "model.method_budget=60000", "task.guidance=2", "model.guidance=3",
+                     "task.ddim_steps=25"):
         assert tune.learning_rate(config("method=oft", f"tuned_lrs={path}", override), "fp", 1000)[1] == "yaml"
     assert tune.learning_rate(cfg, "retrained weights", 1000)[1] == "yaml"
     assert tune.learning_rate(cfg, "fp", 999)[1] == "yaml"  # the budget chose another size
     assert "tuned for another" in caplog.text
     assert tune.learning_rate(config("method=oft", "tuned_lrs=null"), "fp", 1000) == (tune.yaml_lr(cfg), "yaml")
+
+
+def test_tasks_sample_at_their_models_guidance_unless_told():
+    assert [config(f"model={m}").task.guidance for m in ("micro", "sd15", "sdxl")] == [1.5, 7.5, 5.0]
+    assert config("task=seg2img", "model.guidance=3").task.guidance == 3.0
+    assert config("experiment=oft_table1").task.guidance == 7.5  # the paper's protocol
 
 
 def test_the_default_reads_the_committed_file_of_its_model_and_task():
