@@ -66,13 +66,16 @@ def held_out(n: int) -> tuple[list[str], list[world.Scene]]:
 
 def caption_scores(model: models.Diffusion, n: int = 256, guidance: float = 1.5, steps: int = 25) -> pd.DataFrame:
     """One row per held-out caption (seed = its index): the number of objects it asks for, each attribute's match
-    of the parsed sample (`parse.attribute_match`) and their mean, `prompt_fidelity`."""
+    of the parsed sample (`parse.attribute_match`) and their mean, `prompt_fidelity`, then how objects found by
+    shape and size were coloured (`parse.colour_binding`: own colour, another caption object's colour)."""
     captions, scenes = held_out(n)
     images = generate(model, captions, seeds=range(n), steps=steps, guidance=guidance)
     rows = []
     for img, cap, scene in zip(images, captions, scenes):
-        scores = parse.attribute_match(parse.parse(img.permute(1, 2, 0).numpy()), world.parse_caption(cap))
-        rows.append({"objects": len(scene.objects), **scores, "prompt_fidelity": float(np.mean(list(scores.values())))})
+        parsed, spec = parse.parse(img.permute(1, 2, 0).numpy()), world.parse_caption(cap)
+        scores = parse.attribute_match(parsed, spec)
+        rows.append({"objects": len(scene.objects), **scores, "prompt_fidelity": float(np.mean(list(scores.values()))),
+                     **parse.colour_binding(parsed, spec)})
     return pd.DataFrame(rows)
 
 
@@ -86,9 +89,13 @@ def evaluate(model: models.Diffusion, n: int = 256, guidance: float = 1.5, steps
 def summarise(rows: pd.DataFrame, by_object_count: bool = False) -> dict:
     """`caption_scores` rows -> each attribute's accuracy (and per object count, with how many captions)."""
     attributes = rows.drop(columns="objects")
-    out = {k: round(float(v), 4) for k, v in attributes.mean().items()}
+
+    def value(v):  # a binding mean is NaN where no caption of the group had an object to count
+        return None if pd.isna(v) else round(float(v), 4)
+
+    out = {k: value(v) for k, v in attributes.mean().items()}
     if by_object_count:
-        out["by_object_count"] = {str(c): {"captions": len(g), **{k: round(float(v), 4) for k, v in
+        out["by_object_count"] = {str(c): {"captions": len(g), **{k: value(v) for k, v in
                                                                   g.drop(columns="objects").mean().items()}}
                                   for c, g in rows.groupby("objects")}
     return out
@@ -98,8 +105,11 @@ def paired_differences(rows: pd.DataFrame, other: pd.DataFrame) -> dict:
     """Per attribute (overall and per object count): Δ = mean(rows − other) over the same captions and seeds, its
     95% bootstrap CI and the paired sign-flip p (`results.stats.compare`; captions are the units)."""
 
-    def delta(a: pd.Series, b: pd.Series) -> dict:
-        c = stats.compare(stats.sample(a.to_numpy()), stats.sample(b.to_numpy()))
+    def delta(a: pd.Series, b: pd.Series) -> dict | None:  # over the captions scored in both (binding can be NaN)
+        both = a.notna() & b.notna()
+        if both.sum() < 2:
+            return None
+        c = stats.compare(stats.sample(a[both].to_numpy()), stats.sample(b[both].to_numpy()))
         return {"delta": round(c.delta, 4), "ci": [round(c.lo, 4), round(c.hi, 4)], "p": round(c.p, 4)}
 
     attributes = [k for k in rows.columns if k != "objects"]

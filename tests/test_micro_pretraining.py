@@ -81,6 +81,11 @@ def test_paired_differences_pair_captions_overall_and_per_object_count():
     summary = summarise(better, by_object_count=True)
     assert summary["by_object_count"]["3"] == {"captions": 20, "color": 1.0,
                                                "shape": round(float(other["shape"][objects == 3].mean()), 4)}
+    # binding is NaN where a caption had no object to count: left out of the pairs, null where a group has none
+    own = pd.Series(np.where(objects == 1, np.nan, 1.0))
+    diff = paired_differences(better.assign(own_color=own), other.assign(own_color=own.where(objects != 2, 0.0)))
+    assert diff["own_color"]["delta"] == pytest.approx(0.5) and diff["by_object_count"]["1"]["own_color"] is None
+    assert summarise(other.assign(own_color=own), by_object_count=True)["by_object_count"]["1"]["own_color"] is None
 
 
 def test_high_noise_timesteps_draw_that_fraction_from_the_noisier_half():

@@ -89,6 +89,22 @@ def test_parser_reads_clean_renders_back():
         assert np.mean(v) >= 0.99, (k, np.mean(v))
 
 
+def test_colour_binding_finds_objects_by_shape_and_size_and_tells_a_borrowed_colour():
+    circle, square = world.Obj("circle", "red", "big", 0), world.Obj("square", "blue", "small", 8)
+    spec = world.parse_caption(world.caption(world.Scene("white", (circle, square))))
+    swapped = (world.Obj("circle", "blue", "big", 0), world.Obj("square", "red", "small", 8))
+    third = (circle, world.Obj("square", "green", "small", 8))
+
+    def binding(*objects):
+        return parse.colour_binding(parse.parse(world.render(world.Scene("white", objects))), spec)
+
+    assert binding(circle, square) == {"own_color": 1.0, "borrowed_color": 0.0}
+    assert binding(*swapped) == {"own_color": 0.0, "borrowed_color": 1.0}
+    assert binding(*third) == {"own_color": 0.5, "borrowed_color": 0.0}  # green is no caption object's colour
+    assert binding(circle) == {"own_color": 1.0, "borrowed_color": 0.0}  # the missing square does not count
+    assert all(np.isnan(v) for v in binding(world.Obj("triangle", "red", "big", 4)).values())
+
+
 def test_parser_edges_and_keypoints():
     obj = world.Obj("square", "red", "big", 4)
     p = parse.parse(world.render(world.Scene("blue", (obj,))))

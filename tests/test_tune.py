@@ -123,7 +123,8 @@ def test_the_default_reads_the_committed_file_of_its_model_and_task():
 @pytest.mark.slow
 def test_tune_then_tuned_runs_say_where_their_lr_came_from(tmp_path):
     """The whole stage in-process on the micro model: a study on validation units, then a test run using it."""
-    common = [*SMOKE, "method=lora", f"cache_dir={tmp_path / 'cache'}"]
+    # experiment=tune replaces experiment=smoke, so the sampler a tuned lr is matched on is set for both runs here
+    common = [*SMOKE, "task.ddim_steps=4", "method=lora", f"cache_dir={tmp_path / 'cache'}"]
     tuned = tmp_path / "tune"
     cfg = config(*common, "experiment=tune", "task.subjects=null", "tune.trials=2", "tune.units=1",
                  f"tune.output={tuned}")

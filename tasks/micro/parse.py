@@ -159,3 +159,24 @@ def attribute_match(parsed: Parsed, spec: dict) -> dict[str, float]:
         if best is not None:
             available.remove(best)
     return {k: float(np.mean(v)) for k, v in scores.items()}
+
+
+def colour_binding(parsed: Parsed, spec: dict) -> dict[str, float]:
+    """Whether each object got its own colour or another's, with objects found by shape and size alone.
+
+    `attribute_match` pairs objects by how many attributes agree, colour included, so a swapped colour can hide in
+    the pairing. Here a caption object counts only where the image holds exactly one object of its shape and size
+    (and the caption names its colour): 'own_color' is the fraction of those drawn in their own colour,
+    'borrowed_color' the fraction drawn in the colour of another object of the same caption. NaN where no object
+    counts."""
+    wanted = [w for w in spec.get("objects", []) if w.get("color") and w.get("shape") and w.get("size")]
+    own, borrowed = [], []
+    for k, want in enumerate(wanted):
+        found = [o for o in parsed.objects if o.shape == want["shape"] and o.size == want["size"]]
+        if len(found) == 1:
+            own.append(found[0].color == want["color"])
+            borrowed.append(found[0].color != want["color"]
+                            and found[0].color in {w["color"] for j, w in enumerate(wanted) if j != k})
+    if not own:
+        return {"own_color": float("nan"), "borrowed_color": float("nan")}
+    return {"own_color": float(np.mean(own)), "borrowed_color": float(np.mean(borrowed))}
