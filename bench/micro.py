@@ -35,13 +35,14 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from results import record as records
 from results import stats
 from tasks.micro import parse, world
 
-from . import models
+from . import CONF, models
 from .models import micro
 from .sample import generate
 from .train import prediction_target
@@ -64,7 +65,7 @@ def held_out(n: int) -> tuple[list[str], list[world.Scene]]:
     return [world.caption(s) for s in scenes], scenes
 
 
-def caption_scores(model: models.Diffusion, n: int = 256, guidance: float = 1.5, steps: int = 25) -> pd.DataFrame:
+def caption_scores(model: models.Diffusion, n: int, guidance: float, steps: int = 25) -> pd.DataFrame:
     """One row per held-out caption (seed = its index): the number of objects it asks for, each attribute's match
     of the parsed sample (`parse.attribute_match`) and their mean, `prompt_fidelity`, then how objects found by
     shape and size were coloured (`parse.colour_binding`: own colour, another caption object's colour)."""
@@ -79,7 +80,7 @@ def caption_scores(model: models.Diffusion, n: int = 256, guidance: float = 1.5,
     return pd.DataFrame(rows)
 
 
-def evaluate(model: models.Diffusion, n: int = 256, guidance: float = 1.5, steps: int = 25,
+def evaluate(model: models.Diffusion, n: int, guidance: float, steps: int = 25,
              by_object_count: bool = False) -> dict:
     """Per-attribute accuracy of the parsed samples against their full held-out captions (fixed seeds); with
     `by_object_count`, also per number of objects the caption asks for (attribute binding gets harder with more)."""
@@ -294,7 +295,8 @@ def main() -> None:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast (slower on CPUs without bf16 units)")
     p.add_argument("--eval-every", type=float, default=10.0, help="minutes between learning-curve points")
     p.add_argument("--eval-n", type=int, default=256, help="held-out captions per evaluation")
-    p.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance (the micro tasks' value, conf/model/micro.yaml)")
+    p.add_argument("--guidance", type=float, default=OmegaConf.load(CONF / "model" / "micro.yaml").guidance,
+                   help="classifier-free guidance (default: the micro tasks' value, conf/model/micro.yaml)")
     p.add_argument("--against", default=None,
                    help="check: also these weights on the same captions and seeds, and the paired differences")
     p.add_argument("--prediction", choices=["v_prediction", "epsilon"], default="v_prediction",
