@@ -27,14 +27,18 @@ def test_identifiers_are_unique_sequences_of_untrained_vocabulary_words():
         "sks", "zwx", "qlo", "vrd", "kpt", "mjb"]
 
 
-def test_identifiers_are_in_the_committed_tokenizer():
+def test_identifiers_and_objects_of_every_prompt_are_tokens_of_the_micro_tokenizer():
+    """The identifier is its own token(s) and the object phrase after it one token, in the instance prompt and in
+    every evaluation prompt (property prompts put the identifier first: "a sks small circle")."""
     from bench.models import micro
 
     tok = micro.build_tokenizer()
-    unk = tok.unk_token_id
     for s in subjects.SUBJECTS.values():
-        ids = tok(s.instance_prompt)["input_ids"]
-        assert unk not in ids and len(ids) == len(s.instance_prompt.split()) + 2
+        for prompt in [s.instance_prompt] + [p.text for p in subjects.eval_prompts(s)]:
+            pieces = tok.convert_ids_to_tokens(tok(prompt)["input_ids"])
+            assert "<unk>" not in pieces, prompt
+            at = pieces.index(s.token.split()[-1]) + 1
+            assert pieces[at] in world.OBJECT_PHRASES and pieces[at].endswith(s.shape), (prompt, pieces)
 
 
 def test_every_subject_is_legible_two_coloured_at_both_sizes():

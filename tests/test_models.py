@@ -1,10 +1,13 @@
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from bench import models
+from bench.models import micro
 from bench.sample import generate
+from tasks.micro import world
 from tiny_models import save_tiny_sd
 
 
@@ -99,7 +102,6 @@ def test_a_micro_model_with_coordinates_reads_the_grid_saves_its_flag_and_sample
     did; once conv_in weighs the grid, moving the grid moves the prediction; the flag survives save/load; the
     exported pipeline appends the same grid (the same images as bench.sample.generate)."""
     from bench.micro_pipeline import PeftbenchMicroPipeline
-    from bench.models import micro
 
     torch.manual_seed(0)
     tokenizer = micro.build_tokenizer()
@@ -128,3 +130,25 @@ def test_a_micro_model_with_coordinates_reads_the_grid_saves_its_flag_and_sample
                                   coordinates=True)
     theirs = pipe(["a red circle on a blue background"], seeds=[3], num_inference_steps=3, output_type="pt").images
     assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_the_micro_tokenizer_reads_each_object_phrase_as_one_token_and_the_committed_weights_use_it():
+    tokenizer = micro.build_tokenizer()
+
+    def pieces(text):
+        return tokenizer.convert_ids_to_tokens(tokenizer(text).input_ids[1:-1])
+
+    assert pieces("a small red circle and a square on a Blue  background") == [
+        "a", "small red circle", "and", "a", "square", "on", "a", "blue", "background"]
+    assert pieces("a sks big cross and an orange triangle") == ["a", "sks", "big cross", "and", "an", "orange triangle"]
+    assert pieces("a small sks circle") == ["a", "small", "sks", "circle"]  # an interrupted phrase is read as words
+    assert len(set(world.OBJECT_PHRASES)) == len(world.OBJECT_PHRASES) == 3 * 9 * 4
+    rng = np.random.default_rng(0)
+    for _ in range(100):  # every caption pretraining writes: one token per object, none unknown
+        scene = world.sample_scene(rng)
+        read = pieces(world.caption(scene, rng, omit_prob=0.3))
+        assert "<unk>" not in read and sum(p in world.OBJECT_PHRASES for p in read) == len(scene.objects)
+    committed = models.load("micro").tokenizer
+    assert committed.get_vocab() == tokenizer.get_vocab()
+    caption = "a big yellow square and a small cross on a black background"
+    assert committed(caption).input_ids == tokenizer(caption).input_ids

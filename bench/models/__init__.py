@@ -156,7 +156,8 @@ class Diffusion:
         for prompt in prompts:
             for word in prompt.split():
                 if tok.convert_tokens_to_ids(word.lower()) == unk:
-                    vocab = " ".join(sorted(t for t in tok.get_vocab() if not t.startswith("<")))
+                    # its words only: the micro tokenizer's object phrases ("small red circle") are made of them
+                    vocab = " ".join(sorted(t for t in tok.get_vocab() if not t.startswith("<") and " " not in t))
                     raise ValueError(f"prompt: unknown word {word!r} in {prompt!r}; the vocabulary is: {vocab}")
 
     def sampler(self) -> DDIMScheduler:

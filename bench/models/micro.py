@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from tasks.micro import world
@@ -27,11 +27,20 @@ SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the micro vocabulary (`world.VOCAB`, subject tokens included)."""
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + world.VOCAB)}
+    """The micro vocabulary (`world.VOCAB`, subject tokens included) plus one token per object phrase
+    (`world.OBJECT_PHRASES`): "a small red circle and a square on a blue background" is read as
+    a | small red circle | and | a | square | on | a | blue | background. Why: a jointly trained text encoder gave the
+    UNet each colour word's state without its object (a bag of colours, assigned to objects at chance); with one
+    token per object the colour arrives bound (docs/micro-model.md, "One token per object"). A word outside a phrase
+    ("a small sks circle": small | sks | circle) keeps its own token."""
+    phrases = tuple(p for p in world.OBJECT_PHRASES if p not in world.VOCAB)  # a bare shape is a word already
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + world.VOCAB + phrases)}
+    alternatives = ["|".join(words) for words in (world.SIZES, world.COLORS, world.SHAPES)]
+    phrase = r"\b(?:(?:{}) )?(?:(?:{}) )?(?:{})\b".format(*alternatives)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(r"\s+"), " ")])
+    # pieces are the pattern's matches (an object phrase, else a word or a run of punctuation); spaces are dropped
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(phrase + r"|\w+|[^\w\s]+"), behavior="removed", invert=True)
     tok.post_processor = processors.TemplateProcessing(
         single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])]
     )

@@ -6,13 +6,14 @@ identity (the pattern and its two colours) is not. The set is procedural -- 12 p
 colour pairs -- and listed literally below (`TABLE`) so that it never changes under a reader: 28 subjects, 7 per
 class word, no two with the same (main, accent) colour pair, so every subject's identity is distinct.
 
-Identifiers. The committed micro text encoder has a fixed 42-entry vocabulary (`world.VOCAB` + 4 specials); the
-only entries pretraining never trained are the eight rare words `world.SUBJECT_TOKENS` (their embeddings are still
-at initialisation, norm ~0.2 vs ~0.5-0.9 for trained words; "photo", "of", "with", "image" are untrained too but
-are English words and are not used). Eight words cannot name 28 subjects one word each, so, as in DreamBooth
-(an identifier is "a sequence of 1-3 rare tokens"), the six original subjects keep their one-word identifiers and
-the 22 new ones get two-word sequences of rare words ("tyg sks"); every sequence is unique, and each adapter is
-trained on one subject only, so sharing a word between identifiers of different subjects does not leak.
+Identifiers. The committed micro text encoder has a fixed 146-entry vocabulary (the 38 words of `world.VOCAB`,
+104 object phrases, 4 specials); the only entries pretraining never trained are the eight rare words
+`world.SUBJECT_TOKENS` (their embeddings are still at initialisation, norm ~0.2 vs ~0.6-1.0 for trained words
+and phrases; "photo", "of", "with", "image" are untrained too but are English words and are not used). Eight
+words cannot name 28 subjects one word each, so, as in DreamBooth (an identifier is "a sequence of 1-3 rare
+tokens"), the six original subjects keep their one-word identifiers and the 22 new ones get two-word sequences of
+rare words ("tyg sks"); every sequence is unique, and each adapter is trained on one subject only, so sharing a
+word between identifiers of different subjects does not leak.
 
 Splits: `VALIDATION` (4 subjects, one per class word: learning-rate tuning), `TEST` (the other 24: reported
 results), disjoint. A run with task.subjects null trains every subject of its split, as on DreamBench: 24 test
@@ -185,7 +186,9 @@ class EvalPrompt:
 
 def eval_prompts(subject: Subject) -> list[EvalPrompt]:
     """Ten prompts: six new contexts, four property changes (DreamBench's families, micro-sized), all of a kind the
-    base model follows (backgrounds, sizes, colours, other objects); colours never clash with the subject's."""
+    base model follows (backgrounds, sizes, colours, other objects); colours never clash with the subject's. The
+    identifier comes before the object phrase ("a sks small circle", not DreamBench's "a small sks circle"): the
+    micro tokenizer reads a phrase as one token only when nothing interrupts it."""
     free = _free_colours(subject.main, subject.accent)
     bg1, bg2, bg3, c1, c2, c3 = free  # six colours that cannot be confused with the pattern
     s, tok = subject.shape, subject.token
@@ -199,10 +202,10 @@ def eval_prompts(subject: Subject) -> list[EvalPrompt]:
                    other=world.Obj(o2, c1, "small", 8)),
         EvalPrompt(f"a {tok} {s} and a small {c3} {o3} on a {bg3} background", "context", "object", background=bg3,
                    other=world.Obj(o3, c3, "small", 8)),
-        EvalPrompt(f"a small {tok} {s}", "property", "size", size="small"),
-        EvalPrompt(f"a small {tok} {s} on a {bg2} background", "property", "size", background=bg2, size="small"),
-        EvalPrompt(f"a {c1} {tok} {s}", "property", "color", main=c1),
-        EvalPrompt(f"a {c2} {tok} {s} on a {bg3} background", "property", "color", background=bg3, main=c2),
+        EvalPrompt(f"a {tok} small {s}", "property", "size", size="small"),
+        EvalPrompt(f"a {tok} small {s} on a {bg2} background", "property", "size", background=bg2, size="small"),
+        EvalPrompt(f"a {tok} {c1} {s}", "property", "color", main=c1),
+        EvalPrompt(f"a {tok} {c2} {s} on a {bg3} background", "property", "color", background=bg3, main=c2),
     ]
 
 

@@ -39,6 +39,10 @@ SUBJECT_TOKENS = ("sks", "zwx", "qlo", "vrd", "kpt", "mjb", "tyg", "fhu")
 VOCAB = tuple(
     sorted(set(CAPTION_WORDS) | set(COLORS) | set(SHAPES) | set(SIZES) | set(POSITION_WORDS) | set(SUBJECT_TOKENS))
 )
+# Every way a caption names one object ("small red circle", "big square", "triangle"): the micro tokenizer reads
+# each as one token, so the text encoder hands the UNet an object's attributes already bound (docs/micro-model.md).
+OBJECT_PHRASES = tuple(" ".join(w for w in (size, color, shape) if w)
+                       for size in (*SIZES, None) for color in (*COLORS, None) for shape in SHAPES)
 
 
 @dataclasses.dataclass(frozen=True)
