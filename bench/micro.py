@@ -139,6 +139,15 @@ def switch_objective(state: dict, old: str, new: str) -> None:
         log.info("prediction target %s -> %s from step %d", old, new, state["step"])
 
 
+def learning_rate(args: argparse.Namespace, step: int, warm_start: int, first_step: int) -> float:
+    """`--lr`, warmed up linearly over 500 steps from `warm_start` (the last (re)start) and, with `--cooldown`,
+    decayed linearly to 0 over the `--steps` of the call that began at `first_step`."""
+    lr = args.lr * min(1.0, (step - warm_start + 1) / 500)
+    if args.cooldown:
+        lr *= 1 - (step - first_step) / args.steps
+    return lr
+
+
 class Pretraining:
     """The micro model in training: weights, their EMA, the optimiser and the state a checkpoint keeps (step,
     training minutes, learning curve, prediction target, the data stream's rng)."""
@@ -157,6 +166,7 @@ class Pretraining:
         self.state = {"step": 0, "minutes": 0.0, "curve": [], "prediction": args.prediction,
                       "rng": np.random.default_rng(args.seed).bit_generator.state}
         self.resume()
+        self.first_step = self.state["step"]  # of this call: where `--cooldown` starts
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = self.state["rng"]
         self.ema_params = list(self.ema_unet.parameters()) + list(self.ema_text.parameters())
@@ -198,10 +208,10 @@ class Pretraining:
             switch_objective(self.state, committed.scheduler.config.prediction_type, args.prediction)
 
     def step(self) -> float:
-        """One optimiser step on a fresh batch (lr warmed up over 500 steps from the (re)start), then the EMA."""
+        """One optimiser step on a fresh batch at `learning_rate`, then the EMA."""
         args, state, model = self.args, self.state, self.model
         for g in self.opt.param_groups:
-            g["lr"] = args.lr * min(1.0, (state["step"] - state.get("warm_start", 0) + 1) / 500)
+            g["lr"] = learning_rate(args, state["step"], state.get("warm_start", 0), self.first_step)
         images, captions = training_batch(self.rng, args.batch)
         latents = model.encode_images(images)
         noise = torch.randn_like(latents)
@@ -290,6 +300,9 @@ def main() -> None:
     p.add_argument("--state", default=".cache/micro/state.pt", help="training checkpoint (weights, EMA, optimiser)")
     p.add_argument("--minutes", type=float, default=60.0, help="wall-clock minutes to train in this call")
     p.add_argument("--steps", type=int, default=None, help="stop after this many steps (whichever comes first)")
+    p.add_argument("--cooldown", action="store_true",
+                   help="decay the lr linearly to 0 over this call's --steps (the last stage of a warmup-stable-decay "
+                        "schedule)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.999)
@@ -314,6 +327,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     models.quiet_loading()
     try:
+        if args.cooldown and not args.steps:
+            raise UsageError("--cooldown: needs --steps (the steps to decay the lr over)")
         for flag in ("out", "against") if args.command == "check" else ():
             path = getattr(args, flag)
             if path and not (Path(path) / "unet" / "config.json").exists():

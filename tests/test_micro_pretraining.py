@@ -98,3 +98,19 @@ def test_high_noise_timesteps_draw_that_fraction_from_the_noisier_half():
     assert timesteps(4096, 1000, 1.0).min() >= 500
     upper = (timesteps(4096, 1000, 0.5) >= 500).float().mean().item()
     assert abs(upper - 0.75) < 0.03  # half from [500, 1000) plus half of the uniform half
+
+
+def test_cooldown_decays_the_lr_linearly_to_zero_over_the_calls_steps():
+    from argparse import Namespace
+
+    from bench.micro import learning_rate
+
+    constant = Namespace(lr=4e-4, cooldown=False, steps=None)
+    assert learning_rate(constant, 0, 0, 0) == pytest.approx(4e-4 / 500)  # warm-up from a fresh start
+    assert learning_rate(constant, 9000, 0, 8000) == 4e-4
+    cooldown = Namespace(lr=4e-4, cooldown=True, steps=1000)  # a call resuming at step 8000
+    lrs = [learning_rate(cooldown, step, 0, 8000) for step in (8000, 8250, 8500, 8999)]
+    assert lrs == pytest.approx([4e-4, 3e-4, 2e-4, 4e-7])
+    out = subprocess.run([sys.executable, "-m", "bench.micro", "train", "--cooldown"], capture_output=True,
+                         text=True, env=ENV, timeout=600)
+    assert out.returncode == 2 and out.stderr == "error: --cooldown: needs --steps (the steps to decay the lr over)\n"
