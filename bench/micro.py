@@ -13,12 +13,14 @@ min(ema, (1 + k) / (10 + k)), k = steps since the start or since the last switch
 `--eval-every` minutes the EMA model is scored by the analytic parser and the point is appended to the learning
 curve kept beside the weights (`learning_curve.json`).
 
-The committed weights (308 training minutes, batch 64, 2 threads) were trained with `--prediction epsilon` for
+The committed weights (395 training minutes, batch 64, 2 threads) were trained with `--prediction epsilon` for
 3242 steps, then with v-prediction (the default) to step 5749, then at `--lr 4e-4` to step 7395 with a word-level
-tokenizer; then, at `--lr 4e-4`, to step 14680 with one token per object phrase (`micro.build_tokenizer`; the new
-tokens' embeddings started as the mean of their words', docs/micro-model.md). Each learning-curve point names its
-target. Recipe: `train --prediction epsilon --minutes 98`, `train --minutes 46`, `train --minutes 34 --lr 4e-4`,
-then the phrase tokens and `train --lr 4e-4` for 133 minutes (steps 7395 to 14680, in three calls).
+tokenizer; then, at `--lr 4e-4`, to step 15868 with one token per object phrase (`micro.build_tokenizer`; the new
+tokens' embeddings started as the mean of their words', docs/micro-model.md); then 4200 steps with the lr decayed
+linearly from 4e-4 to 0 (`--cooldown`), to step 20068. Each learning-curve point names its target. Recipe:
+`train --prediction epsilon --minutes 98`, `train --minutes 46`, `train --minutes 34 --lr 4e-4`, then the phrase
+tokens and `train --lr 4e-4` for 152 minutes (steps 7395 to 15868, in four calls), then
+`train --lr 4e-4 --cooldown --steps 4200` (69 minutes).
 """
 
 from __future__ import annotations

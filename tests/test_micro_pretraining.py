@@ -30,6 +30,8 @@ def test_pretraining_resumes_and_switches_target(tmp_path):
     assert [(p["step"], p["prediction"]) for p in curve] == [(3, "epsilon"), (5, "v_prediction")]
     model = models.load(tmp_path / "weights")
     assert model.scheduler.config.prediction_type == "v_prediction"
+    saved = json.loads((tmp_path / "weights" / "tokenizer" / "tokenizer.json").read_text())
+    assert saved["padding"] is None and saved["truncation"] is None  # not the last encode call's settings
     assert {"background", "color", "shape", "size", "prompt_fidelity"} <= set(curve[-1])  # captions name no position
     # The check command reads those weights: overall accuracy, per object count, and the curve beside them.
     cmd = [sys.executable, "-m", "bench.micro", "check", "--out", str(tmp_path / "weights"), "--eval-n", "6"]

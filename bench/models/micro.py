@@ -113,6 +113,8 @@ def save(path: Path, unet, text_encoder, tokenizer, scheduler, dtype=torch.float
     unet.to(dtype).save_pretrained(path / "unet")
     text_encoder.to(dtype).save_pretrained(path / "text_encoder")
     unet.float(), text_encoder.float()
+    # encode calls leave their padding/truncation in the fast backend; callers set them per call, so save without
+    tokenizer.backend_tokenizer.no_padding(), tokenizer.backend_tokenizer.no_truncation()
     tokenizer.save_pretrained(path / "tokenizer")
     scheduler.save_pretrained(path / "scheduler")
     (path / "model_index.json").write_text(
