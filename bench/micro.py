@@ -262,7 +262,7 @@ def train(args: argparse.Namespace) -> None:
     next_eval = time.time() + args.eval_every * 60
     bar = tqdm(desc="pretraining micro", unit="step", initial=run.state["step"])
     run.unet.train(), run.text.train()
-    last_step = run.state["step"] + args.steps if args.steps else None
+    last_step = run.first_step + args.steps if args.steps else None
     while time.time() < end and not stop and run.state["step"] != last_step:
         t0 = time.time()
         loss = run.step()
