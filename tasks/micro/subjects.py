@@ -3,21 +3,22 @@
 Pretraining scenes hold flat, single-coloured shapes. A subject is a two-colour pattern (a checkerboard, a
 bullseye, stripes, ...) on a known silhouette, so its class word ("square") is known to the base model and its
 identity (the pattern and its two colours) is not. The set is procedural -- 12 patterns x 4 silhouettes x ordered
-colour pairs -- and listed literally below (`TABLE`) so that it never changes under a reader: 28 subjects, 7 per
+colour pairs -- and listed literally below (`TABLE`) so that it never changes under a reader: 34 subjects, 8-9 per
 class word, no two with the same (main, accent) colour pair, so every subject's identity is distinct.
 
 Identifiers. The committed micro text encoder has a fixed 146-entry vocabulary (the 38 words of `world.VOCAB`,
 104 object phrases, 4 specials); the only entries pretraining never trained are the eight rare words
 `world.SUBJECT_TOKENS` (their embeddings are still at initialisation, norm ~0.2 vs ~0.6-1.0 for trained words
 and phrases; "photo", "of", "with", "image" are untrained too but are English words and are not used). Eight
-words cannot name 28 subjects one word each, so, as in DreamBooth (an identifier is "a sequence of 1-3 rare
-tokens"), the six original subjects keep their one-word identifiers and the 22 new ones get two-word sequences of
+words cannot name 34 subjects one word each, so, as in DreamBooth (an identifier is "a sequence of 1-3 rare
+tokens"), the six original subjects keep their one-word identifiers and the 28 others get two-word sequences of
 rare words ("tyg sks"); every sequence is unique, and each adapter is trained on one subject only, so sharing a
 word between identifiers of different subjects does not leak.
 
-Splits: `VALIDATION` (4 subjects, one per class word: learning-rate tuning), `TEST` (the other 24: reported
-results), disjoint. A run with task.subjects null trains every subject of its split, as on DreamBench: 24 test
-subjects are what the main sweep needs to detect a paired difference of 0.10 (docs/micro-metrics.md, "Power").
+Splits: `VALIDATION` (4 subjects, one per class word: learning-rate tuning), `TEST` (the other 30, as many as
+DreamBench has: reported results), disjoint. A run with task.subjects null trains every subject of its split, as on
+DreamBench: the main sweep needs all 30 test subjects to detect a paired difference of 0.10 (docs/micro-metrics.md,
+"Power").
 
 Each subject has five reference images (varying background and position, always big) and ten evaluation prompts in
 DreamBench's two families: new context (three backgrounds, another object, another object on a background) and
@@ -80,9 +81,9 @@ def _offsets(center: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
 
 
 # name, identifier, class word, pattern, main colour, accent colour. The first six are the original subjects
-# (records and docs name them); the other 22 were drawn procedurally (patterns legible at both sizes on the
+# (records and docs name them); the others were drawn procedurally (patterns legible at both sizes on the
 # silhouette, colour pairs assigned so that pairs are unique -- also reversed, within a class word -- and every
-# colour is a main colour 3-4 times).
+# colour is a main colour 4-5 times).
 TABLE = (
     ("checker", "sks", "square", "checker", "red", "white"),
     ("bullseye", "zwx", "circle", "bullseye", "blue", "yellow"),
@@ -112,6 +113,14 @@ TABLE = (
     ("saltire_cross", "zwx fhu", "cross", "saltire", "green", "purple"),
     ("tophalf_cross", "qlo fhu", "cross", "tophalf", "blue", "purple"),
     ("bullseye_cross", "vrd fhu", "cross", "bullseye", "yellow", "orange"),
+    # Six more (session 15), drawn the same way, to reach DreamBench's 30 test subjects: the paired-difference power
+    # of the main sweep grows with subjects, not with images per subject (docs/micro-metrics.md, "Power").
+    ("bullseye_square", "kpt fhu", "square", "bullseye", "orange", "white"),
+    ("tophalf_square", "mjb fhu", "square", "tophalf", "purple", "blue"),
+    ("window_circle", "tyg fhu", "circle", "window", "black", "white"),
+    ("diagonal_circle", "sks zwx", "circle", "diagonal", "white", "blue"),
+    ("quadrants_triangle", "qlo vrd", "triangle", "quadrants", "orange", "red"),
+    ("diagonal_cross", "kpt mjb", "cross", "diagonal", "purple", "white"),
 )
 # The six originals' reference backgrounds (kept: their records were trained on them); the rest rotate through the
 # six colours that are neither main nor accent.
