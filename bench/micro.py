@@ -13,14 +13,17 @@ min(ema, (1 + k) / (10 + k)), k = steps since the start or since the last switch
 `--eval-every` minutes the EMA model is scored by the analytic parser and the point is appended to the learning
 curve kept beside the weights (`learning_curve.json`).
 
-The committed weights (395 training minutes, batch 64, 2 threads) were trained with `--prediction epsilon` for
+The committed weights (466 training minutes, batch 64, 2 threads) were trained with `--prediction epsilon` for
 3242 steps, then with v-prediction (the default) to step 5749, then at `--lr 4e-4` to step 7395 with a word-level
 tokenizer; then, at `--lr 4e-4`, to step 15868 with one token per object phrase (`micro.build_tokenizer`; the new
 tokens' embeddings started as the mean of their words', docs/micro-model.md); then 4200 steps with the lr decayed
-linearly from 4e-4 to 0 (`--cooldown`), to step 20068. Each learning-curve point names its target. Recipe:
-`train --prediction epsilon --minutes 98`, `train --minutes 46`, `train --minutes 34 --lr 4e-4`, then the phrase
-tokens and `train --lr 4e-4` for 152 minutes (steps 7395 to 15868, in four calls), then
-`train --lr 4e-4 --cooldown --steps 4200` (69 minutes).
+linearly from 4e-4 to 0 (`--cooldown`), to step 20068. Until then `build_unet` built 32 attention heads of 3
+channels where 3 heads of 32 were meant; those weights, relabelled to 3 heads (same shapes) and warm-started (fresh
+optimiser, lr and EMA warmed up again), trained at `--lr 4e-4` to step 24272, then 1000 steps decayed, to step
+25272. Each learning-curve point names its target. Recipe: `train --prediction epsilon --minutes 98`,
+`train --minutes 46`, `train --minutes 34 --lr 4e-4`, then the phrase tokens and `train --lr 4e-4` for 152 minutes
+(steps 7395 to 15868, in four calls), then `train --lr 4e-4 --cooldown --steps 4200` (69 minutes), then the heads
+and `train --lr 4e-4` (steps 20068 to 24272, in two calls), then `train --lr 4e-4 --cooldown --steps 1000`.
 """
 
 from __future__ import annotations
@@ -150,6 +153,17 @@ def learning_rate(args: argparse.Namespace, step: int, warm_start: int, first_st
     return lr
 
 
+def architecture_differences(config: dict | None, built: dict) -> list[str]:
+    """The UNet config entries in which saved weights differ from what `build_unet` builds now, input channels aside
+    (`--coordinates` sets them). Weights of the same shapes load into another architecture without an error (32
+    attention heads of 3 channels into 3 heads of 32), so training refuses them instead."""
+    if config is None:
+        return ["no UNet config recorded: a checkpoint from before the attention-heads fix"]
+    plain = lambda v: json.loads(json.dumps(v))  # tuples and lists compare equal
+    return [f"{k} {plain(config.get(k))} (build_unet: {plain(v)})" for k, v in built.items()
+            if not k.startswith("_") and k != "in_channels" and plain(config.get(k)) != plain(v)]
+
+
 class Pretraining:
     """The micro model in training: weights, their EMA, the optimiser and the state a checkpoint keeps (step,
     training minutes, learning curve, prediction target, the data stream's rng)."""
@@ -184,6 +198,9 @@ class Pretraining:
         args, state_file = self.args, Path(self.args.state)
         if state_file.exists():
             ckpt = torch.load(state_file, weights_only=False)
+            if differences := architecture_differences(ckpt.get("unet_config"), self.unet.config):
+                raise UsageError(f"--state: {state_file} holds a UNet that build_unet no longer builds "
+                                 f"({'; '.join(differences)}); pass another --state to warm-start from --out")
             for module, key in ((self.unet, "unet"), (self.text, "text"), (self.ema_unet, "ema_unet"),
                                 (self.ema_text, "ema_text")):
                 module.load_state_dict(ckpt[key])
@@ -193,6 +210,9 @@ class Pretraining:
             switch_objective(self.state, self.state.get("prediction", "epsilon"), args.prediction)
         elif (Path(args.out) / "learning_curve.json").exists():
             committed = models.load(args.out)
+            if differences := architecture_differences(committed.unet.config, self.unet.config):
+                raise UsageError(f"--out: the UNet in {args.out} is not the one build_unet builds "
+                                 f"({'; '.join(differences)})")
             if committed.coordinates and not args.coordinates:
                 raise UsageError(f"--coordinates: the weights in {args.out} read a (y, x) grid; pass --coordinates "
                                  "to continue them")
@@ -245,7 +265,7 @@ class Pretraining:
         buffer = io.BytesIO()
         torch.save({"unet": self.unet.state_dict(), "text": self.text.state_dict(),
                     "ema_unet": self.ema_unet.state_dict(), "ema_text": self.ema_text.state_dict(),
-                    "opt": self.opt.state_dict(), "state": state}, buffer)
+                    "opt": self.opt.state_dict(), "unet_config": dict(self.unet.config), "state": state}, buffer)
         records.atomic_write(Path(args.state), buffer.getvalue())
         micro.save(args.out, self.ema_unet, self.ema_text, self.tokenizer, self.scheduler)
         records.atomic_write(Path(args.out) / "learning_curve.json", json.dumps(state["curve"], indent=1))

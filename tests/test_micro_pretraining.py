@@ -54,13 +54,32 @@ def test_pretraining_resumes_and_switches_target(tmp_path):
     xy = models.load(tmp_path / "weights")
     assert xy.coordinates and xy.unet.conv_in.in_channels == 14
     assert not torch.equal(xy.unet.conv_in.weight[:, :12], plain["conv_in.weight"])  # trained on, not rebuilt
-    # ... and continuing those weights without --coordinates, or checking a folder without weights: one line, exit 2
-    for bad in (["train", "--out", str(tmp_path / "weights"), "--state", str(tmp_path / "plain.pt")],
-                ["check", "--against", str(tmp_path / "missing")]):
+    # ... and continuing those weights without --coordinates, checking a folder without weights, or training on
+    # weights or a checkpoint of another UNet (the same shapes would load silently into other attention heads):
+    # one line, exit 2, nothing written
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "unet").mkdir()
+    (other / "learning_curve.json").write_text(json.dumps(curve))
+    config = json.loads((tmp_path / "weights" / "unet" / "config.json").read_text())
+    (other / "unet" / "config.json").write_text(json.dumps({**config, "attention_head_dim": 32}))
+    (other / "unet" / "diffusion_pytorch_model.safetensors").symlink_to(
+        tmp_path / "weights" / "unet" / "diffusion_pytorch_model.safetensors")
+    for part in ("text_encoder", "tokenizer", "scheduler", "model_index.json"):
+        (other / part).symlink_to(tmp_path / "weights" / part)
+    torch.save({"unet": plain}, tmp_path / "old.pt")
+    for bad, field in ((["train", "--out", str(tmp_path / "weights"), "--state", str(tmp_path / "plain.pt")],
+                        "--coordinates"),
+                       (["check", "--against", str(tmp_path / "missing")], "--against"),
+                       (["train", "--out", str(other), "--state", str(tmp_path / "new.pt"), "--coordinates"], "--out"),
+                       (["train", "--out", str(tmp_path / "weights"), "--state", str(tmp_path / "old.pt")], "--state")):
         out = subprocess.run([sys.executable, "-m", "bench.micro", *bad], capture_output=True, text=True, env=ENV,
                              timeout=600)
         assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
-        assert out.stderr.startswith("error: --coordinates:" if bad[0] == "train" else "error: --against:")
+        assert out.stderr.startswith(f"error: {field}:"), out.stderr
+        if field == "--out":
+            assert "attention_head_dim 32 (build_unet: 3)" in out.stderr and "in_channels" not in out.stderr
+    assert not (tmp_path / "new.pt").exists()
 
 
 def test_paired_differences_pair_captions_overall_and_per_object_count():

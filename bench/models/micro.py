@@ -73,6 +73,9 @@ def build_text_encoder(tokenizer: PreTrainedTokenizerFast) -> CLIPTextModel:
 def build_unet(channels: tuple[int, ...] = (48, 96, 96), layers_per_block: int = 1,
                coordinates: bool = False) -> UNet2DConditionModel:
     """Attention (self + cross) at 8x8 and 4x4 only: at 16x16 it made a CPU training step 2.5x slower.
+    Three heads of 32 channels (96 / 3) at both: diffusers' `attention_head_dim` is read as the *number of heads*
+    (a name kept for backwards compatibility); passing 32 gave 32 heads of 3 channels until step 20068
+    (docs/micro-model.md, "Attention heads as intended").
     `coordinates`: two more input channels for the (y, x) grid `Diffusion.unet_input` appends."""
     return UNet2DConditionModel(
         sample_size=16,
@@ -84,7 +87,7 @@ def build_unet(channels: tuple[int, ...] = (48, 96, 96), layers_per_block: int =
         layers_per_block=layers_per_block,
         norm_num_groups=16,
         cross_attention_dim=128,
-        attention_head_dim=32,
+        attention_head_dim=3,  # the number of heads (see above)
         addition_embed_type="text",
         addition_embed_type_num_heads=4,
     )
