@@ -3,22 +3,22 @@
 Pretraining scenes hold flat, single-coloured shapes. A subject is a two-colour pattern (a checkerboard, a
 bullseye, stripes, ...) on a known silhouette, so its class word ("square") is known to the base model and its
 identity (the pattern and its two colours) is not. The set is procedural -- 12 patterns x 4 silhouettes x ordered
-colour pairs -- and listed literally below (`TABLE`) so that it never changes under a reader: 34 subjects, 8-9 per
+colour pairs -- and listed literally below (`TABLE`) so that it never changes under a reader: 38 subjects, 9-10 per
 class word, no two with the same (main, accent) colour pair, so every subject's identity is distinct.
 
 Identifiers. The committed micro text encoder has a fixed 146-entry vocabulary (the 38 words of `world.VOCAB`,
 104 object phrases, 4 specials); the only entries pretraining never trained are the eight rare words
 `world.SUBJECT_TOKENS` (their embeddings are still at initialisation, norm ~0.2 vs ~0.6-1.0 for trained words
 and phrases; "photo", "of", "with", "image" are untrained too but are English words and are not used). Eight
-words cannot name 34 subjects one word each, so, as in DreamBooth (an identifier is "a sequence of 1-3 rare
-tokens"), the six original subjects keep their one-word identifiers and the 28 others get two-word sequences of
+words cannot name 38 subjects one word each, so, as in DreamBooth (an identifier is "a sequence of 1-3 rare
+tokens"), the six original subjects keep their one-word identifiers and the 32 others get two-word sequences of
 rare words ("tyg sks"); every sequence is unique, and each adapter is trained on one subject only, so sharing a
 word between identifiers of different subjects does not leak.
 
-Splits: `VALIDATION` (4 subjects, one per class word: learning-rate tuning), `TEST` (the other 30, as many as
-DreamBench has: reported results), disjoint. A run with task.subjects null trains every subject of its split, as on
-DreamBench: with all 30 test subjects the main sweep detects a paired difference of 0.088 at 80% power (24 gave
-0.096; docs/micro-metrics.md, "Power").
+Splits: `VALIDATION` (4 subjects, one per class word: learning-rate tuning), `TEST` (the other 34),
+disjoint. A run with task.subjects null trains every subject of its split, as on DreamBench: with all 34 test
+subjects the main sweep detects a paired difference of 0.097 at 80% power (30 gave 0.105 on the same weights;
+docs/micro-metrics.md, "Power").
 
 Each subject has five reference images (varying background and position, always big) and ten evaluation prompts in
 DreamBench's two families: new context (three backgrounds, another object, another object on a background) and
@@ -121,6 +121,12 @@ TABLE = (
     ("diagonal_circle", "sks zwx", "circle", "diagonal", "white", "blue"),
     ("quadrants_triangle", "qlo vrd", "triangle", "quadrants", "orange", "red"),
     ("diagonal_cross", "kpt mjb", "cross", "diagonal", "purple", "white"),
+    # Four more (session 17), one per class word, drawn the same way: the weights with the attention heads as
+    # intended made the main sweep cheaper and the per-subject differences wider (docs/micro-metrics.md, "Power").
+    ("dotted_square", "qlo sks", "square", "dotted", "red", "yellow"),
+    ("vstripes_circle", "zwx qlo", "circle", "vstripes", "green", "black"),
+    ("window_triangle", "sks vrd", "triangle", "window", "white", "purple"),
+    ("ring_cross", "vrd kpt", "cross", "ring", "black", "orange"),
 )
 # The six originals' reference backgrounds (kept: their records were trained on them); the rest rotate through the
 # six colours that are neither main nor accent.
