@@ -59,11 +59,57 @@ log = logging.getLogger(__name__)
 HELD_OUT_SEED = 10_000  # evaluation scenes come from their own stream, never the training one's
 
 
-def training_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
+def training_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str], list[world.Scene]]:
     scenes = [world.sample_scene(rng) for _ in range(n)]
     images = torch.from_numpy(np.stack([world.render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 255
     captions = ["" if rng.random() < 0.1 else world.caption(s, rng, omit_prob=0.2) for s in scenes]
-    return images, captions
+    return images, captions, scenes
+
+
+class CrossAttentionMaps:
+    """Attention processor for the UNet's cross-attention layers (`attn2`) that computes softmax(QKᵀ/√d)·V as the
+    default processor does and also keeps each call's attention probabilities, averaged over heads:
+    (batch, queries, tokens). The grounding loss reads them; `maps` is cleared before each training forward."""
+
+    def __init__(self):
+        self.maps: list[torch.Tensor] = []
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        query, key, value = (attn.head_to_batch_dim(f(x)) for f, x in ((attn.to_q, hidden_states),
+                             (attn.to_k, encoder_hidden_states), (attn.to_v, encoder_hidden_states)))
+        probs = attn.get_attention_scores(query, key, attention_mask)  # (batch · heads, queries, tokens)
+        self.maps.append(probs.unflatten(0, (-1, attn.heads)).mean(1))
+        return attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, value))))
+
+
+def object_cells(ids: torch.Tensor, scenes: list[world.Scene], phrase_ids: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each object a caption names, as (caption index, token index, its 32x32 mask): the caption's k-th object-phrase
+    token (one per object, `micro.build_tokenizer`) is the scene's k-th object. Empty captions name none."""
+    rows, tokens, masks = [], [], []
+    for i, scene in enumerate(scenes):
+        positions = torch.isin(ids[i], phrase_ids).nonzero().flatten().tolist()
+        if positions:
+            assert len(positions) == len(scene.objects), (positions, scene)
+            rows += [i] * len(positions)
+            tokens += positions
+            masks += [world.object_mask(o) for o in scene.objects]
+    return torch.tensor(rows), torch.tensor(tokens), torch.from_numpy(np.stack(masks)).float()
+
+
+def grounding_loss(maps: list[torch.Tensor], rows: torch.Tensor, tokens: torch.Tensor,
+                   masks: torch.Tensor) -> torch.Tensor:
+    """Mean over cross-attention layers and named objects of (1 − the share of the object token's attention that
+    falls on the cells its object touches)², the token loss of TokenCompose (Wang et al., CVPR 2024) with the
+    scenes' exact masks: each object's token should be read where that object is drawn, and not where another is."""
+    losses = []
+    for probs in maps:  # (batch, queries, tokens); queries are a side x side grid
+        side = int(probs.shape[1] ** 0.5)
+        cells = F.adaptive_max_pool2d(masks[:, None], side).flatten(1)  # (objects, queries): 1 where it touches
+        attention = probs[rows, :, tokens]  # (objects, queries)
+        inside = (attention * cells).sum(1) / attention.sum(1)
+        losses.append(((1 - inside) ** 2).mean())
+    return torch.stack(losses).mean()
 
 
 def held_out(n: int) -> tuple[list[str], list[world.Scene]]:
@@ -179,6 +225,11 @@ class Pretraining:
         self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=0.01)
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema_text = copy.deepcopy(self.text).requires_grad_(False)
+        self.attention = CrossAttentionMaps()  # the trained UNet's cross-attention records its maps (not the EMA's)
+        if args.grounding:
+            self.unet.set_attn_processor({name: self.attention if name.endswith("attn2.processor") else processor
+                                          for name, processor in self.unet.attn_processors.items()})
+        self.phrase_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(world.OBJECT_PHRASES)))
         self.state = {"step": 0, "minutes": 0.0, "curve": [], "prediction": args.prediction,
                       "rng": np.random.default_rng(args.seed).bit_generator.state}
         self.resume()
@@ -229,19 +280,27 @@ class Pretraining:
             log.info("warm start from %s at step %d (%.1f training minutes)", args.out, last["step"], last["minutes"])
             switch_objective(self.state, committed.scheduler.config.prediction_type, args.prediction)
 
-    def step(self) -> float:
-        """One optimiser step on a fresh batch at `learning_rate`, then the EMA."""
+    def step(self) -> dict[str, float]:
+        """One optimiser step on a fresh batch at `learning_rate`, then the EMA; returns the losses."""
         args, state, model = self.args, self.state, self.model
         for g in self.opt.param_groups:
             g["lr"] = learning_rate(args, state["step"], state.get("warm_start", 0), self.first_step)
-        images, captions = training_batch(self.rng, args.batch)
+        images, captions, scenes = training_batch(self.rng, args.batch)
         latents = model.encode_images(images)
         noise = torch.randn_like(latents)
         t = timesteps(len(latents), self.scheduler.config.num_train_timesteps, args.high_noise)
         noisy = self.scheduler.add_noise(latents, noise, t)
+        self.attention.maps.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             pred = model.predict(noisy, t, model.encode_text(captions))
         loss = F.mse_loss(pred.float(), prediction_target(model, latents, noise, t))
+        losses = {"loss": loss.item()}
+        if args.grounding:
+            ids = self.tokenizer(captions, padding="max_length", max_length=micro.MAX_TOKENS, truncation=True,
+                                 return_tensors="pt").input_ids
+            grounding = grounding_loss(self.attention.maps, *object_cells(ids, scenes, self.phrase_ids))
+            loss = loss + args.grounding * grounding
+            losses["grounding"] = grounding.item()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -251,7 +310,7 @@ class Pretraining:
             decay = min(args.ema, (1 + since) / (10 + since))
             torch._foreach_lerp_(self.ema_params, self.params, 1 - decay)
         state["step"] += 1
-        return loss.item()
+        return losses
 
     def checkpoint(self) -> None:
         """Score the EMA model (a learning-curve point), then save the state and the EMA weights (diffusers layout)."""
@@ -259,7 +318,8 @@ class Pretraining:
         self.unet.eval(), self.text.eval(), self.ema_unet.eval(), self.ema_text.eval()
         scores = evaluate(self.ema_model, n=args.eval_n, guidance=args.guidance)
         state["curve"].append({"minutes": round(state["minutes"], 1), "step": state["step"],
-                               "prediction": args.prediction, "guidance": args.guidance, **scores})
+                               "prediction": args.prediction, "grounding": args.grounding, "guidance": args.guidance,
+                               **scores})
         log.info("step %d, %.1f min: %s", state["step"], state["minutes"], scores)
         state["rng"] = self.rng.bit_generator.state
         buffer = io.BytesIO()
@@ -285,10 +345,10 @@ def train(args: argparse.Namespace) -> None:
     last_step = run.first_step + args.steps if args.steps else None
     while time.time() < end and not stop and run.state["step"] != last_step:
         t0 = time.time()
-        loss = run.step()
+        losses = run.step()
         run.state["minutes"] += (time.time() - t0) / 60
         bar.update()
-        bar.set_postfix(loss=f"{loss:.4f}")
+        bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()})
         if time.time() >= next_eval:
             run.checkpoint()
             next_eval = time.time() + args.eval_every * 60
@@ -342,6 +402,9 @@ def main() -> None:
                    help="the UNet also reads a (y, x) grid (from weights without one: its inputs start at zero)")
     p.add_argument("--high-noise", type=float, default=0.0,
                    help="fraction of each batch whose timestep is drawn from the noisier half [T/2, T)")
+    p.add_argument("--grounding", type=float, default=0.0,
+                   help="weight of the cross-attention grounding loss (`grounding_loss`: each object's token attends "
+                        "where that object is)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 when sharing a busy machine)")
     args = p.parse_args()
     if args.threads:

@@ -26,8 +26,9 @@ def test_pretraining_resumes_and_switches_target(tmp_path):
     curve = pretrain(tmp_path, "--steps", "3", "--prediction", "epsilon")
     assert [(p["step"], p["prediction"]) for p in curve] == [(3, "epsilon")]
     assert models.load(tmp_path / "weights").scheduler.config.prediction_type == "epsilon"
-    curve = pretrain(tmp_path, "--steps", "2")  # resumes from state.pt, now under v-prediction
+    curve = pretrain(tmp_path, "--steps", "2", "--grounding", "0.1")  # resumes from state.pt, now under v-prediction
     assert [(p["step"], p["prediction"]) for p in curve] == [(3, "epsilon"), (5, "v_prediction")]
+    assert [p["grounding"] for p in curve] == [0.0, 0.1]
     model = models.load(tmp_path / "weights")
     assert model.scheduler.config.prediction_type == "v_prediction"
     saved = json.loads((tmp_path / "weights" / "tokenizer" / "tokenizer.json").read_text())
@@ -135,3 +136,56 @@ def test_cooldown_decays_the_lr_linearly_to_zero_over_the_calls_steps():
     out = subprocess.run([sys.executable, "-m", "bench.micro", "train", "--cooldown"], capture_output=True,
                          text=True, env=ENV, timeout=600)
     assert out.returncode == 2 and out.stderr == "error: --cooldown: needs --steps (the steps to decay the lr over)\n"
+
+
+def test_cross_attention_maps_compute_what_the_default_attention_does_and_keep_the_maps():
+    from bench.micro import CrossAttentionMaps
+    from bench.models import micro
+
+    torch.manual_seed(0)
+    unet = micro.build_unet().eval()
+    x, t, text = torch.randn(2, 12, 16, 16), torch.tensor([10, 900]), torch.randn(2, 40, 128)
+    with torch.no_grad():
+        plain = unet(x, t, encoder_hidden_states=text, added_cond_kwargs={"text_embeds": text[:, 0]}).sample
+        maps = CrossAttentionMaps()
+        unet.set_attn_processor({k: maps if k.endswith("attn2.processor") else p
+                                 for k, p in unet.attn_processors.items()})
+        recorded = unet(x, t, encoder_hidden_states=text, added_cond_kwargs={"text_embeds": text[:, 0]}).sample
+    assert torch.allclose(plain, recorded, atol=1e-5)
+    # one map per cross-attention layer (down 8x8, down 4x4, mid, two per up block), each a distribution over tokens
+    assert [m.shape[1] for m in maps.maps] == [64, 16, 16, 16, 16, 64, 64]
+    assert all(m.shape == (2, m.shape[1], 40) and torch.allclose(m.sum(-1), torch.ones(2, m.shape[1]))
+               for m in maps.maps)
+
+
+def test_grounding_loss_is_zero_where_each_token_attends_to_its_object_and_one_where_to_another():
+    import numpy as np
+
+    from bench.micro import grounding_loss, object_cells
+    from bench.models import micro
+    from tasks.micro import world
+
+    tokenizer = micro.build_tokenizer()
+    phrase_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(world.OBJECT_PHRASES)))
+    a = world.Obj("circle", "red", "small", 0)  # top left
+    b = world.Obj("square", "blue", "small", 8)  # bottom right
+    scenes = [world.Scene("green", (a, b)), world.Scene("white", (b,))]
+    captions = [world.caption(scenes[0]), ""]  # an empty caption names no object: no term
+    ids = tokenizer(captions, padding="max_length", max_length=40, return_tensors="pt").input_ids
+    rows, tokens, masks = object_cells(ids, scenes, phrase_ids)
+    assert rows.tolist() == [0, 0] and tokens.tolist() == [2, 5]  # <bos> a |small red circle| and a |small blue..|
+    assert torch.equal(masks, torch.from_numpy(np.stack([world.object_mask(a), world.object_mask(b)])).float())
+    own = [torch.zeros(2, side * side, 40) for side in (8, 4)]
+    swapped = [m.clone() for m in own]
+    for maps, order in ((own, (a, b)), (swapped, (b, a))):
+        for m in maps:
+            side = int(m.shape[1] ** 0.5)
+            for token, obj in zip(tokens, order):
+                cells = torch.nn.functional.adaptive_max_pool2d(
+                    torch.from_numpy(world.object_mask(obj)).float()[None, None], side).flatten()
+                m[0, :, token] = cells / cells.sum()
+    assert grounding_loss(own, rows, tokens, masks).item() == 0.0
+    assert grounding_loss(swapped, rows, tokens, masks).item() == 1.0  # the far corners share no cell
+    uniform = [torch.full((2, 64, 40), 1 / 64)]
+    touched = torch.nn.functional.adaptive_max_pool2d(masks[:, None], 8).flatten(1).sum(1) / 64
+    assert grounding_loss(uniform, rows, tokens, masks).item() == pytest.approx(((1 - touched) ** 2).mean().item())
