@@ -13,17 +13,20 @@ min(ema, (1 + k) / (10 + k)), k = steps since the start or since the last switch
 `--eval-every` minutes the EMA model is scored by the analytic parser and the point is appended to the learning
 curve kept beside the weights (`learning_curve.json`).
 
-The committed weights (466 training minutes, batch 64, 2 threads) were trained with `--prediction epsilon` for
+The committed weights (546 training minutes, batch 64, 2 threads) were trained with `--prediction epsilon` for
 3242 steps, then with v-prediction (the default) to step 5749, then at `--lr 4e-4` to step 7395 with a word-level
 tokenizer; then, at `--lr 4e-4`, to step 15868 with one token per object phrase (`micro.build_tokenizer`; the new
 tokens' embeddings started as the mean of their words', docs/micro-model.md); then 4200 steps with the lr decayed
 linearly from 4e-4 to 0 (`--cooldown`), to step 20068. Until then `build_unet` built 32 attention heads of 3
 channels where 3 heads of 32 were meant; those weights, relabelled to 3 heads (same shapes) and warm-started (fresh
 optimiser, lr and EMA warmed up again), trained at `--lr 4e-4` to step 24272, then 1000 steps decayed, to step
-25272. Each learning-curve point names its target. Recipe: `train --prediction epsilon --minutes 98`,
-`train --minutes 46`, `train --minutes 34 --lr 4e-4`, then the phrase tokens and `train --lr 4e-4` for 152 minutes
-(steps 7395 to 15868, in four calls), then `train --lr 4e-4 --cooldown --steps 4200` (69 minutes), then the heads
-and `train --lr 4e-4` (steps 20068 to 24272, in two calls), then `train --lr 4e-4 --cooldown --steps 1000`.
+25272; then with `--grounding 0.1` (the lr and EMA warmed up again) 4791 steps at `--lr 4e-4` and 1500 decayed, to
+step 31563. Each learning-curve point names its target and grounding weight. Recipe: `train --prediction epsilon
+--minutes 98`, `train --minutes 46`, `train --minutes 34 --lr 4e-4`, then the phrase tokens and `train --lr 4e-4` for
+152 minutes (steps 7395 to 15868, in four calls), then `train --lr 4e-4 --cooldown --steps 4200` (69 minutes), then
+the heads and `train --lr 4e-4` (steps 20068 to 24272, in two calls), then `train --lr 4e-4 --cooldown --steps 1000`,
+then `train --lr 4e-4 --grounding 0.1` for 64 minutes (two calls) and `train --lr 4e-4 --grounding 0.1 --cooldown
+--steps 1500`.
 """
 
 from __future__ import annotations
