@@ -97,14 +97,18 @@ def object_cells(ids: torch.Tensor, scenes: list[world.Scene], phrase_ids: torch
             rows += [i] * len(positions)
             tokens += positions
             masks += [world.object_mask(o) for o in scene.objects]
-    return torch.tensor(rows), torch.tensor(tokens), torch.from_numpy(np.stack(masks)).float()
+    masks = np.stack(masks) if masks else np.zeros((0, world.SIZE, world.SIZE))
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(tokens, dtype=torch.long), torch.from_numpy(masks).float()
 
 
 def grounding_loss(maps: list[torch.Tensor], rows: torch.Tensor, tokens: torch.Tensor,
                    masks: torch.Tensor) -> torch.Tensor:
     """Mean over cross-attention layers and named objects of (1 − the share of the object token's attention that
     falls on the cells its object touches)², the token loss of TokenCompose (Wang et al., CVPR 2024) with the
-    scenes' exact masks: each object's token should be read where that object is drawn, and not where another is."""
+    scenes' exact masks: each object's token should be read where that object is drawn, and not where another is.
+    0 for a batch whose captions name no object (all empty)."""
+    if not len(rows):
+        return maps[0].new_zeros(())
     losses = []
     for probs in maps:  # (batch, queries, tokens); queries are a side x side grid
         side = int(probs.shape[1] ** 0.5)

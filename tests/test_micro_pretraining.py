@@ -186,6 +186,8 @@ def test_grounding_loss_is_zero_where_each_token_attends_to_its_object_and_one_w
                 m[0, :, token] = cells / cells.sum()
     assert grounding_loss(own, rows, tokens, masks).item() == 0.0
     assert grounding_loss(swapped, rows, tokens, masks).item() == 1.0  # the far corners share no cell
+    nothing = object_cells(ids[1:], scenes[1:], phrase_ids)  # a batch of empty captions: no term, no error
+    assert len(nothing[0]) == 0 and grounding_loss(own, *nothing).item() == 0.0
     uniform = [torch.full((2, 64, 40), 1 / 64)]
     touched = torch.nn.functional.adaptive_max_pool2d(masks[:, None], 8).flatten(1).sum(1) / 64
     assert grounding_loss(uniform, rows, tokens, masks).item() == pytest.approx(((1 - touched) ** 2).mean().item())
