@@ -85,6 +85,14 @@ class CrossAttentionMaps:
         return attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, value))))
 
 
+def record_cross_attention(unet) -> CrossAttentionMaps:
+    """Put one `CrossAttentionMaps` on every cross-attention layer of `unet` (self-attention keeps its processor)."""
+    maps = CrossAttentionMaps()
+    unet.set_attn_processor({name: maps if name.endswith("attn2.processor") else processor
+                             for name, processor in unet.attn_processors.items()})
+    return maps
+
+
 def object_cells(ids: torch.Tensor, scenes: list[world.Scene], phrase_ids: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each object a caption names, as (caption index, token index, its 32x32 mask): the caption's k-th object-phrase
@@ -232,10 +240,8 @@ class Pretraining:
         self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=0.01)
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema_text = copy.deepcopy(self.text).requires_grad_(False)
-        self.attention = CrossAttentionMaps()  # the trained UNet's cross-attention records its maps (not the EMA's)
-        if args.grounding:
-            self.unet.set_attn_processor({name: self.attention if name.endswith("attn2.processor") else processor
-                                          for name, processor in self.unet.attn_processors.items()})
+        # the trained UNet's cross-attention keeps its maps for the grounding loss (not the EMA's, which samples)
+        self.attention = record_cross_attention(self.unet) if args.grounding else CrossAttentionMaps()
         self.phrase_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(world.OBJECT_PHRASES)))
         self.state = {"step": 0, "minutes": 0.0, "curve": [], "prediction": args.prediction,
                       "rng": np.random.default_rng(args.seed).bit_generator.state}
@@ -303,8 +309,7 @@ class Pretraining:
         loss = F.mse_loss(pred.float(), prediction_target(model, latents, noise, t))
         losses = {"loss": loss.item()}
         if args.grounding:
-            ids = self.tokenizer(captions, padding="max_length", max_length=micro.MAX_TOKENS, truncation=True,
-                                 return_tensors="pt").input_ids
+            ids = model._token_ids(self.tokenizer, captions)  # the token positions the encoder saw
             grounding = grounding_loss(self.attention.maps, *object_cells(ids, scenes, self.phrase_ids))
             loss = loss + args.grounding * grounding
             losses["grounding"] = grounding.item()

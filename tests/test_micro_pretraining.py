@@ -139,7 +139,7 @@ def test_cooldown_decays_the_lr_linearly_to_zero_over_the_calls_steps():
 
 
 def test_cross_attention_maps_compute_what_the_default_attention_does_and_keep_the_maps():
-    from bench.micro import CrossAttentionMaps
+    from bench.micro import record_cross_attention
     from bench.models import micro
 
     torch.manual_seed(0)
@@ -147,9 +147,7 @@ def test_cross_attention_maps_compute_what_the_default_attention_does_and_keep_t
     x, t, text = torch.randn(2, 12, 16, 16), torch.tensor([10, 900]), torch.randn(2, 40, 128)
     with torch.no_grad():
         plain = unet(x, t, encoder_hidden_states=text, added_cond_kwargs={"text_embeds": text[:, 0]}).sample
-        maps = CrossAttentionMaps()
-        unet.set_attn_processor({k: maps if k.endswith("attn2.processor") else p
-                                 for k, p in unet.attn_processors.items()})
+        maps = record_cross_attention(unet)
         recorded = unet(x, t, encoder_hidden_states=text, added_cond_kwargs={"text_embeds": text[:, 0]}).sample
     assert torch.allclose(plain, recorded, atol=1e-5)
     # one map per cross-attention layer (down 8x8, down 4x4, mid, two per up block), each a distribution over tokens

@@ -17,8 +17,8 @@ word between identifiers of different subjects does not leak.
 
 Splits: `VALIDATION` (4 subjects, one per class word: learning-rate tuning), `TEST` (the other 34),
 disjoint. A run with task.subjects null trains every subject of its split, as on DreamBench: with all 34 test
-subjects the main sweep detects a paired difference of 0.097 at 80% power (30 gave 0.105 on the same weights;
-docs/micro-metrics.md, "Power").
+subjects the main sweep detects a paired difference of 0.102 at 80% power on the step-31563 weights (0.097 on the
+step-25272 weights, where 30 subjects gave 0.105; docs/micro-metrics.md, "Power").
 
 Each subject has five reference images (varying background and position, always big) and ten evaluation prompts in
 DreamBench's two families: new context (three backgrounds, another object, another object on a background) and
