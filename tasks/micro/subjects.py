@@ -3,22 +3,22 @@
 Pretraining scenes hold flat, single-coloured shapes. A subject is a two-colour pattern (a checkerboard, a
 bullseye, stripes, ...) on a known silhouette, so its class word ("square") is known to the base model and its
 identity (the pattern and its two colours) is not. The set is procedural -- 12 patterns x 4 silhouettes x ordered
-colour pairs -- and listed literally below (`TABLE`) so that it never changes under a reader: 38 subjects, 9-10 per
+colour pairs -- and listed literally below (`TABLE`) so that it never changes under a reader: 40 subjects, 10 per
 class word, no two with the same (main, accent) colour pair, so every subject's identity is distinct.
 
 Identifiers. The committed micro text encoder has a fixed 146-entry vocabulary (the 38 words of `world.VOCAB`,
 104 object phrases, 4 specials); the only entries pretraining never trained are the eight rare words
 `world.SUBJECT_TOKENS` (their embeddings are still at initialisation, norm ~0.2 vs ~0.6-1.0 for trained words
 and phrases; "photo", "of", "with", "image" are untrained too but are English words and are not used). Eight
-words cannot name 38 subjects one word each, so, as in DreamBooth (an identifier is "a sequence of 1-3 rare
-tokens"), the six original subjects keep their one-word identifiers and the 32 others get two-word sequences of
+words cannot name 40 subjects one word each, so, as in DreamBooth (an identifier is "a sequence of 1-3 rare
+tokens"), the six original subjects keep their one-word identifiers and the 34 others get two-word sequences of
 rare words ("tyg sks"); every sequence is unique, and each adapter is trained on one subject only, so sharing a
 word between identifiers of different subjects does not leak.
 
-Splits: `VALIDATION` (4 subjects, one per class word: learning-rate tuning), `TEST` (the other 34),
-disjoint. A run with task.subjects null trains every subject of its split, as on DreamBench: with all 34 test
-subjects the main sweep detects a paired difference of 0.102 at 80% power on the step-31563 weights (0.097 on the
-step-25272 weights, where 30 subjects gave 0.105; docs/micro-metrics.md, "Power").
+Splits: `VALIDATION` (4 subjects, one per class word: learning-rate tuning), `TEST` (the other 36),
+disjoint. A run with task.subjects null trains every subject of its split, as on DreamBench: with all 36 test
+subjects the main sweep detects a paired difference of 0.0975 at 80% power on the step-31563 weights (0.102 with
+the first 34; docs/micro-metrics.md, "Power").
 
 Each subject has five reference images (varying background and position, always big) and ten evaluation prompts in
 DreamBench's two families: new context (three backgrounds, another object, another object on a background) and
@@ -127,6 +127,10 @@ TABLE = (
     ("vstripes_circle", "zwx qlo", "circle", "vstripes", "green", "black"),
     ("window_triangle", "sks vrd", "triangle", "window", "white", "purple"),
     ("ring_cross", "vrd kpt", "cross", "ring", "black", "orange"),
+    # Two more (session 19), drawn the same way, so that each class word has ten subjects (nine test): the main sweep
+    # on the step-31563 weights detected 0.102 with 34 test subjects, over part 5's 0.10 of issue 16.
+    ("tophalf_triangle", "fhu tyg", "triangle", "tophalf", "blue", "white"),
+    ("quadrants_cross", "mjb kpt", "cross", "quadrants", "yellow", "red"),
 )
 # The six originals' reference backgrounds (kept: their records were trained on them); the rest rotate through the
 # six colours that are neither main nor accent.
