@@ -48,6 +48,10 @@ def test_pretraining_resumes_and_switches_target(tmp_path):
     same = json.loads(out.stdout)["against"]
     assert same["accuracy"] == report["accuracy"]  # fixed seeds: the same weights sample the same images
     assert same["difference"]["color"] == {"delta": 0.0, "ci": [0.0, 0.0], "p": 1.0}
+    out = subprocess.run([*cmd, "--objects", "3"], capture_output=True, text=True, env=ENV, timeout=600)
+    threes = json.loads(out.stdout)
+    assert threes["objects"] == 3 and list(threes["accuracy"]["by_object_count"]) == ["3"]
+    assert threes["accuracy"]["by_object_count"]["3"]["captions"] == 6 and 0 <= threes["accuracy"]["count"] <= 1
     # --coordinates from weights without the grid: a warm start (no state file) that extends their curve
     plain = model.unet.state_dict()
     curve = pretrain(tmp_path, "--steps", "1", "--coordinates", "--state", str(tmp_path / "xy.pt"))
@@ -189,3 +193,31 @@ def test_grounding_loss_is_zero_where_each_token_attends_to_its_object_and_one_w
     uniform = [torch.full((2, 64, 40), 1 / 64)]
     touched = torch.nn.functional.adaptive_max_pool2d(masks[:, None], 8).flatten(1).sum(1) / 64
     assert grounding_loss(uniform, rows, tokens, masks).item() == pytest.approx(((1 - touched) ** 2).mean().item())
+
+
+def test_held_out_scenes_by_object_count_keep_the_stream_order():
+    from bench.micro import held_out
+
+    captions, scenes = held_out(40)
+    only_three_captions, only_three = held_out(12, objects=3)
+    assert all(len(s.objects) == 3 for s in only_three) and len(only_three) == 12
+    first_threes = [s for s in scenes if len(s.objects) == 3]  # the same scenes, in the same order, as far as both go
+    assert first_threes and only_three[: len(first_threes)] == first_threes
+    assert only_three_captions[0] == captions[scenes.index(first_threes[0])]
+
+
+def test_image_scores_count_is_one_only_for_as_many_objects_as_the_caption_names():
+    from bench.micro import held_out, image_scores
+    from tasks.micro import world
+
+    captions, scenes = held_out(3, objects=2)
+    for caption, scene in zip(captions, scenes):
+        exact = image_scores(world.render(scene), caption, scene)
+        assert exact["count"] == 1.0 and exact["prompt_fidelity"] == 1.0 and exact["own_color"] == 1.0
+        assert image_scores(world.render(world.Scene(scene.background, scene.objects[:1])), caption, scene)["count"] == 0
+        extra = next(world.Obj(shape, colour, "small", position) for shape in world.SHAPES
+                     for colour in world.COLORS if colour != scene.background
+                     for position in range(len(world.POSITIONS))
+                     if not any(world.overlaps(world.Obj(shape, colour, "small", position), o) for o in scene.objects))
+        assert image_scores(world.render(world.Scene(scene.background, (*scene.objects, extra))),
+                            caption, scene)["count"] == 0
