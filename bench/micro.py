@@ -110,6 +110,14 @@ def object_cells(ids: torch.Tensor, scenes: list[world.Scene], phrase_ids: torch
     return torch.tensor(rows, dtype=torch.long), torch.tensor(tokens, dtype=torch.long), torch.from_numpy(masks).float()
 
 
+def _object_attention(maps: list[torch.Tensor], rows: torch.Tensor, tokens: torch.Tensor, masks: torch.Tensor):
+    """Per cross-attention layer: each named object's token's attention over the layer's cells (objects, queries),
+    and the cells its object touches (1 where it does; queries are a side x side grid)."""
+    for probs in maps:  # (batch, queries, tokens)
+        side = int(probs.shape[1] ** 0.5)
+        yield probs[rows, :, tokens], F.adaptive_max_pool2d(masks[:, None], side).flatten(1)
+
+
 def grounding_loss(maps: list[torch.Tensor], rows: torch.Tensor, tokens: torch.Tensor,
                    masks: torch.Tensor) -> torch.Tensor:
     """Mean over cross-attention layers and named objects of (1 − the share of the object token's attention that
@@ -118,13 +126,21 @@ def grounding_loss(maps: list[torch.Tensor], rows: torch.Tensor, tokens: torch.T
     0 for a batch whose captions name no object (all empty)."""
     if not len(rows):
         return maps[0].new_zeros(())
-    losses = []
-    for probs in maps:  # (batch, queries, tokens); queries are a side x side grid
-        side = int(probs.shape[1] ** 0.5)
-        cells = F.adaptive_max_pool2d(masks[:, None], side).flatten(1)  # (objects, queries): 1 where it touches
-        attention = probs[rows, :, tokens]  # (objects, queries)
-        inside = (attention * cells).sum(1) / attention.sum(1)
-        losses.append(((1 - inside) ** 2).mean())
+    losses = [((1 - (attention * cells).sum(1) / attention.sum(1)) ** 2).mean()
+              for attention, cells in _object_attention(maps, rows, tokens, masks)]
+    return torch.stack(losses).mean()
+
+
+def pixel_loss(maps: list[torch.Tensor], rows: torch.Tensor, tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean over cross-attention layers, named objects and cells of the binary cross-entropy between the object
+    token's attention map, scaled to a maximum of 1, and its object's cells: TokenCompose's pixel loss (Wang et al.,
+    CVPR 2024) with exact masks. The token loss normalises a token's attention over the image, so a region that
+    reads the token a little costs it almost nothing; here every cell outside the object is pushed to 0 on its own
+    (a region at half the peak costs log 2 per cell). 0 for a batch whose captions name no object."""
+    if not len(rows):
+        return maps[0].new_zeros(())
+    losses = [F.binary_cross_entropy((attention / attention.amax(1, keepdim=True)).clamp(1e-6, 1 - 1e-6), cells)
+              for attention, cells in _object_attention(maps, rows, tokens, masks)]
     return torch.stack(losses).mean()
 
 
@@ -253,7 +269,8 @@ class Pretraining:
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema_text = copy.deepcopy(self.text).requires_grad_(False)
         # the trained UNet's cross-attention keeps its maps for the grounding loss (not the EMA's, which samples)
-        self.attention = record_cross_attention(self.unet) if args.grounding else CrossAttentionMaps()
+        self.attention = (record_cross_attention(self.unet) if args.grounding or args.grounding_pixel
+                          else CrossAttentionMaps())
         self.phrase_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(world.OBJECT_PHRASES)))
         self.state = {"step": 0, "minutes": 0.0, "curve": [], "prediction": args.prediction,
                       "rng": np.random.default_rng(args.seed).bit_generator.state}
@@ -320,11 +337,15 @@ class Pretraining:
             pred = model.predict(noisy, t, model.encode_text(captions))
         loss = F.mse_loss(pred.float(), prediction_target(model, latents, noise, t))
         losses = {"loss": loss.item()}
-        if args.grounding:
+        if args.grounding or args.grounding_pixel:
             ids = model._token_ids(self.tokenizer, captions)  # the token positions the encoder saw
-            grounding = grounding_loss(self.attention.maps, *object_cells(ids, scenes, self.phrase_ids))
-            loss = loss + args.grounding * grounding
-            losses["grounding"] = grounding.item()
+            objects = object_cells(ids, scenes, self.phrase_ids)
+            for name, weight, term in (("grounding", args.grounding, grounding_loss),
+                                       ("pixel", args.grounding_pixel, pixel_loss)):
+                if weight:
+                    value = term(self.attention.maps, *objects)
+                    loss = loss + weight * value
+                    losses[name] = value.item()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -342,7 +363,8 @@ class Pretraining:
         self.unet.eval(), self.text.eval(), self.ema_unet.eval(), self.ema_text.eval()
         scores = evaluate(self.ema_model, n=args.eval_n, guidance=args.guidance)
         state["curve"].append({"minutes": round(state["minutes"], 1), "step": state["step"],
-                               "prediction": args.prediction, "grounding": args.grounding, "guidance": args.guidance,
+                               "prediction": args.prediction, "grounding": args.grounding,
+                               "grounding_pixel": args.grounding_pixel, "guidance": args.guidance,
                                **scores})
         log.info("step %d, %.1f min: %s", state["step"], state["minutes"], scores)
         state["rng"] = self.rng.bit_generator.state
@@ -433,6 +455,9 @@ def main() -> None:
     p.add_argument("--grounding", type=float, default=0.0,
                    help="weight of the cross-attention grounding loss (`grounding_loss`: each object's token attends "
                         "where that object is)")
+    p.add_argument("--grounding-pixel", type=float, default=0.0,
+                   help="weight of the cross-attention pixel loss (`pixel_loss`: no cell outside an object reads its "
+                        "token)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 when sharing a busy machine)")
     args = p.parse_args()
     if args.threads:

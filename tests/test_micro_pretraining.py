@@ -1,6 +1,7 @@
 """The pretraining command: seeded, resumable from its checkpoint, switching prediction target on resume."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,9 +27,10 @@ def test_pretraining_resumes_and_switches_target(tmp_path):
     curve = pretrain(tmp_path, "--steps", "3", "--prediction", "epsilon")
     assert [(p["step"], p["prediction"]) for p in curve] == [(3, "epsilon")]
     assert models.load(tmp_path / "weights").scheduler.config.prediction_type == "epsilon"
-    curve = pretrain(tmp_path, "--steps", "2", "--grounding", "0.1")  # resumes from state.pt, now under v-prediction
+    curve = pretrain(tmp_path, "--steps", "2", "--grounding", "0.1", "--grounding-pixel", "0.05")  # resumes from
+    # state.pt, now under v-prediction
     assert [(p["step"], p["prediction"]) for p in curve] == [(3, "epsilon"), (5, "v_prediction")]
-    assert [p["grounding"] for p in curve] == [0.0, 0.1]
+    assert [(p["grounding"], p["grounding_pixel"]) for p in curve] == [(0.0, 0.0), (0.1, 0.05)]
     model = models.load(tmp_path / "weights")
     assert model.scheduler.config.prediction_type == "v_prediction"
     saved = json.loads((tmp_path / "weights" / "tokenizer" / "tokenizer.json").read_text())
@@ -163,7 +165,7 @@ def test_cross_attention_maps_compute_what_the_default_attention_does_and_keep_t
 def test_grounding_loss_is_zero_where_each_token_attends_to_its_object_and_one_where_to_another():
     import numpy as np
 
-    from bench.micro import grounding_loss, object_cells
+    from bench.micro import grounding_loss, object_cells, pixel_loss
     from bench.models import micro
     from tasks.micro import world
 
@@ -193,6 +195,28 @@ def test_grounding_loss_is_zero_where_each_token_attends_to_its_object_and_one_w
     uniform = [torch.full((2, 64, 40), 1 / 64)]
     touched = torch.nn.functional.adaptive_max_pool2d(masks[:, None], 8).flatten(1).sum(1) / 64
     assert grounding_loss(uniform, rows, tokens, masks).item() == pytest.approx(((1 - touched) ** 2).mean().item())
+    # the pixel loss: ~0 on the own maps, large on the swapped ones (every touched cell wrong)
+    assert pixel_loss(own, rows, tokens, masks).item() < 1e-5 and pixel_loss(swapped, rows, tokens, masks).item() > 1
+    assert pixel_loss(own, *nothing).item() == 0.0
+
+
+def test_pixel_loss_charges_a_faint_second_region_cell_by_cell():
+    from bench.micro import grounding_loss, pixel_loss
+
+    masks = torch.zeros(1, 32, 32)
+    masks[0, :8, :8] = 1  # the object covers the top-left 2x2 cells of an 8x8 grid
+    rows, tokens = torch.tensor([0]), torch.tensor([3])
+    maps = [torch.zeros(1, 64, 40)]
+    own = torch.zeros(8, 8)
+    own[:2, :2] = 1.0
+    extra = own.clone()
+    extra[6:, 6:] = 0.5  # a second region, 4 cells at half the peak: where an extra object could be drawn
+    maps[0][0, :, 3] = extra.flatten() / extra.sum()
+    # the token loss sees 4 of 6 units of attention inside: (1 - 2/3)² = 0.11; the pixel loss log 2 on 4 of 64 cells
+    assert grounding_loss(maps, rows, tokens, masks).item() == pytest.approx(1 / 9, rel=1e-4)
+    assert pixel_loss(maps, rows, tokens, masks).item() == pytest.approx(4 * math.log(2) / 64, rel=1e-3)
+    maps[0][0, :, 3] = own.flatten() / own.sum()
+    assert pixel_loss(maps, rows, tokens, masks).item() < 1e-5
 
 
 def test_held_out_scenes_by_object_count_keep_the_stream_order():
