@@ -134,9 +134,9 @@ def grounding_loss(maps: list[torch.Tensor], rows: torch.Tensor, tokens: torch.T
 def pixel_loss(maps: list[torch.Tensor], rows: torch.Tensor, tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Mean over cross-attention layers, named objects and cells of the binary cross-entropy between the object
     token's attention map, scaled to a maximum of 1, and its object's cells: TokenCompose's pixel loss (Wang et al.,
-    CVPR 2024) with exact masks. The token loss normalises a token's attention over the image, so a region that
-    reads the token a little costs it almost nothing; here every cell outside the object is pushed to 0 on its own
-    (a region at half the peak costs log 2 per cell). 0 for a batch whose captions name no object."""
+    CVPR 2024) with exact masks. The token loss charges a second region by its share of the token's attention (less,
+    the bigger the object); here every cell outside the object is pushed to 0 on its own (a region at half the peak
+    costs log 2 per cell, whatever the object's size). 0 for a batch whose captions name no object."""
     if not len(rows):
         return maps[0].new_zeros(())
     losses = [F.binary_cross_entropy((attention / attention.amax(1, keepdim=True)).clamp(1e-6, 1 - 1e-6), cells)
