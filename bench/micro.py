@@ -110,25 +110,27 @@ def object_cells(ids: torch.Tensor, scenes: list[world.Scene], phrase_ids: torch
     return torch.tensor(rows, dtype=torch.long), torch.tensor(tokens, dtype=torch.long), torch.from_numpy(masks).float()
 
 
-def _object_attention(maps: list[torch.Tensor], rows: torch.Tensor, tokens: torch.Tensor, masks: torch.Tensor):
-    """Per cross-attention layer: each named object's token's attention over the layer's cells (objects, queries),
-    and the cells its object touches (1 where it does; queries are a side x side grid)."""
+def _mean_over_layers(term, maps: list[torch.Tensor], rows: torch.Tensor, tokens: torch.Tensor,
+                     masks: torch.Tensor) -> torch.Tensor:
+    """Mean over cross-attention layers of term(attention, cells): each named object's token's attention over the
+    layer's cells (objects, queries; queries are a side x side grid) and the cells its object touches (1 where it
+    does). 0 for a batch whose captions name no object (all empty)."""
+    if not len(rows):
+        return maps[0].new_zeros(())
+    losses = []
     for probs in maps:  # (batch, queries, tokens)
         side = int(probs.shape[1] ** 0.5)
-        yield probs[rows, :, tokens], F.adaptive_max_pool2d(masks[:, None], side).flatten(1)
+        losses.append(term(probs[rows, :, tokens], F.adaptive_max_pool2d(masks[:, None], side).flatten(1)))
+    return torch.stack(losses).mean()
 
 
 def grounding_loss(maps: list[torch.Tensor], rows: torch.Tensor, tokens: torch.Tensor,
                    masks: torch.Tensor) -> torch.Tensor:
     """Mean over cross-attention layers and named objects of (1 − the share of the object token's attention that
     falls on the cells its object touches)², the token loss of TokenCompose (Wang et al., CVPR 2024) with the
-    scenes' exact masks: each object's token should be read where that object is drawn, and not where another is.
-    0 for a batch whose captions name no object (all empty)."""
-    if not len(rows):
-        return maps[0].new_zeros(())
-    losses = [((1 - (attention * cells).sum(1) / attention.sum(1)) ** 2).mean()
-              for attention, cells in _object_attention(maps, rows, tokens, masks)]
-    return torch.stack(losses).mean()
+    scenes' exact masks: each object's token should be read where that object is drawn, and not where another is."""
+    return _mean_over_layers(lambda attention, cells: ((1 - (attention * cells).sum(1) / attention.sum(1)) ** 2).mean(),
+                             maps, rows, tokens, masks)
 
 
 def pixel_loss(maps: list[torch.Tensor], rows: torch.Tensor, tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -136,12 +138,9 @@ def pixel_loss(maps: list[torch.Tensor], rows: torch.Tensor, tokens: torch.Tenso
     token's attention map, scaled to a maximum of 1, and its object's cells: TokenCompose's pixel loss (Wang et al.,
     CVPR 2024) with exact masks. The token loss charges a second region by its share of the token's attention (less,
     the bigger the object); here every cell outside the object is pushed to 0 on its own (a region at half the peak
-    costs log 2 per cell, whatever the object's size). 0 for a batch whose captions name no object."""
-    if not len(rows):
-        return maps[0].new_zeros(())
-    losses = [F.binary_cross_entropy((attention / attention.amax(1, keepdim=True)).clamp(1e-6, 1 - 1e-6), cells)
-              for attention, cells in _object_attention(maps, rows, tokens, masks)]
-    return torch.stack(losses).mean()
+    costs log 2 per cell, whatever the object's size)."""
+    return _mean_over_layers(lambda attention, cells: F.binary_cross_entropy(
+        (attention / attention.amax(1, keepdim=True)).clamp(1e-6, 1 - 1e-6), cells), maps, rows, tokens, masks)
 
 
 def held_out(n: int, objects: int | None = None) -> tuple[list[str], list[world.Scene]]:
@@ -408,7 +407,7 @@ def check(args: argparse.Namespace) -> None:
     rows = caption_scores(model, n=args.eval_n, guidance=args.guidance, objects=args.objects)
     curve_file = Path(args.out) / "learning_curve.json"
     curve = json.loads(curve_file.read_text()) if curve_file.exists() else []
-    report = {"captions": args.eval_n, "objects": args.objects or "1-3", "guidance": args.guidance, "ddim_steps": 25,
+    report = {"captions": args.eval_n, "objects": args.objects, "guidance": args.guidance, "ddim_steps": 25,
               "seconds": round(time.time() - t0, 1), "accuracy": summarise(rows, by_object_count=True),
               "chance": {"background": 1 / len(world.COLORS), "color": 1 / (len(world.COLORS) - 1),
                          "shape": 1 / len(world.SHAPES), "size": 1 / len(world.SIZES),
