@@ -40,6 +40,7 @@ import logging
 import signal
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -158,11 +159,18 @@ def held_out(n: int, objects: int | None = None) -> tuple[list[str], list[world.
 def image_scores(image: np.ndarray, caption: str, scene: world.Scene) -> dict[str, float]:
     """One sample read back against its caption: each attribute's match (`parse.attribute_match`) and their mean,
     `prompt_fidelity`; `count`, 1 where the parser finds exactly as many objects as the caption names (0 for a
-    missing, doubled or extra object); how objects found by shape and size were coloured (`parse.colour_binding`)."""
+    missing, doubled or extra object); `doubled`, 1 where an object the caption names in full (shape, size and
+    colour) is drawn more often than named (NaN where none is named in full); how objects found by shape and size
+    were coloured (`parse.colour_binding`)."""
     parsed, spec = parse.parse(image), world.parse_caption(caption)
     scores = parse.attribute_match(parsed, spec)
+    named = Counter((o["shape"], o["size"], o["color"]) for o in spec["objects"]
+                    if o["shape"] and o["size"] and o["color"])
+    drawn = Counter((o.shape, o.size, o.color) for o in parsed.objects)
     return {"objects": len(scene.objects), **scores, "prompt_fidelity": float(np.mean(list(scores.values()))),
-            "count": float(len(parsed.objects) == len(scene.objects)), **parse.colour_binding(parsed, spec)}
+            "count": float(len(parsed.objects) == len(scene.objects)),
+            "doubled": float(any(drawn[k] > n for k, n in named.items())) if named else float("nan"),
+            **parse.colour_binding(parsed, spec)}
 
 
 def caption_scores(model: models.Diffusion, n: int, guidance: float, steps: int = 25,

@@ -245,3 +245,24 @@ def test_image_scores_count_is_one_only_for_as_many_objects_as_the_caption_names
                      if not any(world.overlaps(world.Obj(shape, colour, "small", position), o) for o in scene.objects))
         assert image_scores(world.render(world.Scene(scene.background, (*scene.objects, extra))),
                             caption, scene)["count"] == 0
+
+
+def test_image_scores_doubled_is_one_only_where_a_named_object_is_drawn_twice():
+    from bench.micro import held_out, image_scores
+    from tasks.micro import world
+
+    captions, scenes = held_out(3, objects=2)
+    for caption, scene in zip(captions, scenes):
+        assert image_scores(world.render(scene), caption, scene)["doubled"] == 0.0
+        copy = next(c for o in scene.objects for p in range(len(world.POSITIONS))
+                    if not any(world.overlaps(c := world.Obj(o.shape, o.color, o.size, p), q) for q in scene.objects))
+        unnamed = next(c for c in world.COLORS if c != scene.background and c not in {o.color for o in scene.objects})
+        other = world.Obj(copy.shape, unnamed, copy.size, copy.position)
+        doubled = image_scores(world.render(world.Scene(scene.background, (*scene.objects, copy))), caption, scene)
+        assert doubled["doubled"] == 1.0 and doubled["count"] == 0.0 and doubled["color"] == 1.0
+        assert image_scores(world.render(world.Scene(scene.background, (*scene.objects, other))),
+                            caption, scene)["doubled"] == 0.0
+    # named twice and drawn twice is not doubled; a caption that names no object in full has nothing to double
+    twins = world.Scene("white", (world.Obj("circle", "red", "small", 0), world.Obj("circle", "red", "small", 8)))
+    assert image_scores(world.render(twins), world.caption(twins), twins)["doubled"] == 0.0
+    assert math.isnan(image_scores(world.render(twins), "a circle and a red circle", twins)["doubled"])
