@@ -55,6 +55,7 @@ from results import stats
 from tasks.micro import parse, world
 
 from . import CONF, models
+from .attention import CrossAttentionMaps, ObjectGuidance, record_cross_attention
 from .models import micro
 from .sample import generate
 from .train import prediction_target
@@ -69,30 +70,6 @@ def training_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list
     images = torch.from_numpy(np.stack([world.render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 255
     captions = ["" if rng.random() < 0.1 else world.caption(s, rng, omit_prob=0.2) for s in scenes]
     return images, captions, scenes
-
-
-class CrossAttentionMaps:
-    """Attention processor for the UNet's cross-attention layers (`attn2`) that computes softmax(QKᵀ/√d)·V as the
-    default processor does and also keeps each call's attention probabilities, averaged over heads:
-    (batch, queries, tokens). The grounding loss reads them; `maps` is cleared before each training forward."""
-
-    def __init__(self):
-        self.maps: list[torch.Tensor] = []
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        query, key, value = (attn.head_to_batch_dim(f(x)) for f, x in ((attn.to_q, hidden_states),
-                             (attn.to_k, encoder_hidden_states), (attn.to_v, encoder_hidden_states)))
-        probs = attn.get_attention_scores(query, key, attention_mask)  # (batch · heads, queries, tokens)
-        self.maps.append(probs.unflatten(0, (-1, attn.heads)).mean(1))
-        return attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, value))))
-
-
-def record_cross_attention(unet) -> CrossAttentionMaps:
-    """Put one `CrossAttentionMaps` on every cross-attention layer of `unet` (self-attention keeps its processor)."""
-    maps = CrossAttentionMaps()
-    unet.set_attn_processor({name: maps if name.endswith("attn2.processor") else processor
-                             for name, processor in unet.attn_processors.items()})
-    return maps
 
 
 def object_cells(ids: torch.Tensor, scenes: list[world.Scene], phrase_ids: torch.Tensor
@@ -174,11 +151,12 @@ def image_scores(image: np.ndarray, caption: str, scene: world.Scene) -> dict[st
 
 
 def caption_scores(model: models.Diffusion, n: int, guidance: float, steps: int = 25,
-                   objects: int | None = None) -> pd.DataFrame:
+                   objects: int | None = None, object_guidance: ObjectGuidance | None = None) -> pd.DataFrame:
     """`image_scores` of one sample per held-out caption (seed = its index), captions naming `objects` objects if
     given."""
     captions, scenes = held_out(n, objects)
-    images = generate(model, captions, seeds=range(n), steps=steps, guidance=guidance)
+    images = generate(model, captions, seeds=range(n), steps=steps, guidance=guidance,
+                      object_guidance=object_guidance)
     return pd.DataFrame([image_scores(img.permute(1, 2, 0).numpy(), cap, scene)
                          for img, cap, scene in zip(images, captions, scenes)])
 
@@ -409,13 +387,18 @@ def train(args: argparse.Namespace) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    """The JSON report; with `--against`, also the paired differences to those weights on the same captions."""
+    """The JSON report; with `--against`, also the paired differences to those weights on the same captions. The
+    learning curve's points (`train`) are sampled without object guidance: they follow what training changes."""
     model = models.load(args.out)
+    setting = OmegaConf.load(CONF / "model" / "micro.yaml").object_guidance if args.object_guidance else None
+    object_guidance = ObjectGuidance.from_config(setting)
     t0 = time.time()
-    rows = caption_scores(model, n=args.eval_n, guidance=args.guidance, objects=args.objects)
+    rows = caption_scores(model, n=args.eval_n, guidance=args.guidance, objects=args.objects,
+                          object_guidance=object_guidance)
     curve_file = Path(args.out) / "learning_curve.json"
     curve = json.loads(curve_file.read_text()) if curve_file.exists() else []
     report = {"captions": args.eval_n, "objects": args.objects, "guidance": args.guidance, "ddim_steps": 25,
+              "object_guidance": OmegaConf.to_container(setting) if setting is not None else None,
               "seconds": round(time.time() - t0, 1), "accuracy": summarise(rows, by_object_count=True),
               "chance": {"background": 1 / len(world.COLORS), "color": 1 / (len(world.COLORS) - 1),
                          "shape": 1 / len(world.SHAPES), "size": 1 / len(world.SIZES),
@@ -423,7 +406,7 @@ def check(args: argparse.Namespace) -> None:
               "learning_curve": curve}
     if args.against:
         other = caption_scores(models.load(args.against), n=args.eval_n, guidance=args.guidance,
-                               objects=args.objects)
+                               objects=args.objects, object_guidance=object_guidance)
         report["against"] = {"weights": args.against, "accuracy": summarise(other, by_object_count=True),
                              "difference": paired_differences(rows, other)}
     print(json.dumps(report, indent=1))
@@ -448,6 +431,8 @@ def main() -> None:
     p.add_argument("--eval-n", type=int, default=256, help="held-out captions per evaluation")
     p.add_argument("--guidance", type=float, default=OmegaConf.load(CONF / "model" / "micro.yaml").guidance,
                    help="classifier-free guidance (default: the micro tasks' value, conf/model/micro.yaml)")
+    p.add_argument("--object-guidance", action=argparse.BooleanOptionalAction, default=True,
+                   help="check: sample with the micro tasks' object guidance (conf/model/micro.yaml)")
     p.add_argument("--objects", type=int, choices=[1, 2, 3], default=None,
                    help="check: only held-out captions that name this many objects (three-object binding needs more "
                         "than the 68 of the default 256 to resolve a change of 0.08)")

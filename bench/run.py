@@ -36,7 +36,8 @@ from . import method as run_method
 from . import models, tune
 from .faults import note_in_sweep
 from .memory import PeakMemory
-from .sample import generate
+from .attention import ObjectGuidance
+from .sample import generate, sampler_setting
 from .train import encode_examples, finetune
 from .validate import UsageError, from_method_error, typed_keys
 from .validate import check as check_config
@@ -219,7 +220,7 @@ def sample_baseline(job: Job, unit: str, requests, drift_requests) -> Baseline:
     """The base model on the unit's requests, without any control (cached per weights, data and sampler). The drift
     requests are the same for every unit, so their images are sampled once per sweep, not once per unit."""
     cfg, model = job.cfg, job.model
-    sampler = (cfg.task.ddim_steps, cfg.task.guidance, cfg.precision, str(model.device))
+    sampler = (*sampler_setting(cfg), cfg.precision, str(model.device))
     cache = Path(cfg.cache_dir) / "baseline"
     base_key = key(job.fingerprint, job.data_fingerprint, [(r.prompt, r.seed) for r in requests], *sampler)
     images = cached(cache / f"{base_key}.pt", lambda: images_of(model, requests, cfg))
@@ -305,8 +306,10 @@ def images_of(model, requests, cfg, encoder=None) -> torch.Tensor:
     """Sample the requests; with a control encoder each image is conditioned on its request's control image."""
     controls = torch.stack([r.control for r in requests]) if encoder is not None else None
     with devices.autocast(model.device, cfg.precision):
-        return generate(model, [r.prompt for r in requests], [r.seed for r in requests],
-                        steps=cfg.task.ddim_steps, guidance=cfg.task.guidance, controls=controls, encoder=encoder)
+        return generate(model, [r.prompt for r in requests], [r.seed for r in requests], steps=cfg.task.ddim_steps,
+                        guidance=cfg.task.guidance, controls=controls, encoder=encoder,
+                        object_guidance=ObjectGuidance.from_config(cfg.task.get("object_guidance")))
+
 
 
 def prior_examples(job: Job, data):
@@ -314,9 +317,10 @@ def prior_examples(job: Job, data):
     if not data.prior_prompt:
         return None
     cfg, model, n = job.cfg, job.model, job.cfg.task.class_images
-    class_key = key(job.fingerprint, data.prior_prompt, n, cfg.task.ddim_steps, cfg.task.guidance)
+    class_key = key(job.fingerprint, data.prior_prompt, n, *sampler_setting(cfg))
     class_images = cached(Path(cfg.cache_dir) / "class_images" / f"{class_key}.pt", lambda: generate(
-        model, [data.prior_prompt] * n, list(range(n)), steps=cfg.task.ddim_steps, guidance=cfg.task.guidance))
+        model, [data.prior_prompt] * n, list(range(n)), steps=cfg.task.ddim_steps, guidance=cfg.task.guidance,
+        object_guidance=ObjectGuidance.from_config(cfg.task.get("object_guidance"))))
     return encode_examples(model, class_images, [data.prior_prompt] * n)
 
 

@@ -32,6 +32,14 @@ class MethodConfig:
 
 
 @dataclass
+class ObjectGuidanceConfig:
+    """A model's object guidance in sampling (bench.attention.ObjectGuidance); null: none."""
+    scale: float = MISSING  # the latents' gradient step on Attend-and-Excite's loss
+    until_t: int = MISSING  # applied at the denoising steps with t >= until_t (of the model's 1000)
+    words: List[str] = MISSING  # a token naming one of these words is an object token
+
+
+@dataclass
 class ModelConfig:
     """conf/model/<name>.yaml: a text-to-image model and the layers every method adapts."""
     name: str = MISSING
@@ -40,6 +48,7 @@ class ModelConfig:
     target_modules: List[str] = MISSING
     method_budget: Optional[int] = None
     guidance: float = MISSING  # classifier-free guidance scale the tasks sample with (task.guidance)
+    object_guidance: Optional[ObjectGuidanceConfig] = None  # the tasks' task.object_guidance
 
 
 @dataclass
@@ -56,6 +65,7 @@ class TaskConfig:
     images_per_prompt: int = MISSING
     guidance: float = MISSING
     ddim_steps: int = MISSING
+    object_guidance: Any = None  # ${model.object_guidance} (typed there: a typed node cannot hold the interpolation)
     metrics: Dict[str, Any] = field(default_factory=dict)  # backbones of the papers' metrics (real data)
 
 

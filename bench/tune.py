@@ -39,9 +39,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from results.record import atomic_write, exclusive
 
+from .sample import sampler_setting
+
 log = logging.getLogger(__name__)
 MATCH = ("task", "model", "model_fingerprint", "budget", "trainable_params", "steps", "guidance",
-         "ddim_steps")  # a tuned entry's scope: what the objective was measured under
+         "ddim_steps", "object_guidance")  # a tuned entry's scope: what the objective was measured under
 
 
 def yaml_lr(cfg: DictConfig) -> float:
@@ -51,10 +53,11 @@ def yaml_lr(cfg: DictConfig) -> float:
 
 def entry_key(cfg: DictConfig, fingerprint: str, trainable: int) -> dict:
     """What a tuned lr was tuned for: task, model weights, budget, the size the budget chose, steps, and the
-    sampler the objective's images came from (guidance, DDIM steps)."""
+    sampler the objective's images came from (guidance, DDIM steps, object guidance)."""
     return {"task": f"{cfg.task.name}/{cfg.model.name}", "model": cfg.model.path, "model_fingerprint": fingerprint,
             "budget": cfg.method.get("budget"), "trainable_params": trainable, "steps": int(cfg.task.steps),
-            "guidance": float(cfg.task.guidance), "ddim_steps": int(cfg.task.ddim_steps)}
+            "guidance": float(cfg.task.guidance), "ddim_steps": int(cfg.task.ddim_steps),
+            "object_guidance": sampler_setting(cfg)[2]}
 
 
 def read_tuned(path: Path) -> dict:

@@ -145,7 +145,7 @@ def test_cooldown_decays_the_lr_linearly_to_zero_over_the_calls_steps():
 
 
 def test_cross_attention_maps_compute_what_the_default_attention_does_and_keep_the_maps():
-    from bench.micro import record_cross_attention
+    from bench.attention import record_cross_attention
     from bench.models import micro
 
     torch.manual_seed(0)
