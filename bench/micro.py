@@ -6,6 +6,7 @@
     python -m bench.micro check                  # JSON: per-attribute accuracy on 256 held-out captions
     python -m bench.micro check --out A --against B   # and A − B per attribute, paired over the same captions
     python -m bench.micro check --objects 3 --eval-n 192   # only captions that name three objects
+    python -m bench.micro check --no-object-guidance       # sampled without the tasks' object guidance
 
 Training renders scenes on the fly (`tasks.micro.world`), so no image is seen twice; captions leave out each
 attribute with probability 0.2 and are replaced by the empty caption with probability 0.1 (classifier-free

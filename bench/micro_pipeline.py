@@ -9,9 +9,11 @@ loads such a local pipeline module only when asked to run the folder's code:
     images = pipe(["a sks checker circle on a plain background"], seeds=[0], output_type="pt").images
 
 (or, with peftbench installed, `PeftbenchMicroPipeline.from_pretrained(OUT)` from this module). It samples exactly
-as peftbench does (`bench.sample.generate`): each image's starting noise from its own seed, DDIM on the training
-schedule, classifier-free guidance against the empty prompt, the space-to-depth decoding; `load_lora_weights`
-(diffusers' LoRA loader) works on it as on Stable Diffusion.
+as `bench.sample.generate` does without object guidance: each image's starting noise from its own seed, DDIM on the
+training schedule, classifier-free guidance against the empty prompt, the space-to-depth decoding. The micro tasks
+also apply object guidance (`bench.attention.ObjectGuidance`, conf/model/micro.yaml), which this pipeline does not:
+its images of prompts that name several objects differ from the benchmark's. `load_lora_weights` (diffusers' LoRA
+loader) works on it as on Stable Diffusion.
 
 Self-contained on purpose (torch, diffusers, transformers only): it is copied verbatim into exported folders.
 """

@@ -22,8 +22,8 @@ runs each trial as a whole Hydra job, which cannot report an intermediate score,
 Each study writes `study-<method>.json` (every trial's lr, score, state, seconds, records) and its best setting into
 `tuned.yaml` in the sweep directory. A run reads its lr from `tuned_lrs` (default: the committed file for its model
 and task under `conf/tuned/`; `experiment=tuned`: the sweep's fresh one; `tuned_lrs=null`: the yaml's), only where
-the entry was tuned for the same budget, steps, model weights and sampler (guidance, DDIM steps: the objective is
-measured on its images), and its record says where the lr came from.
+the entry was tuned for the same budget, steps, model weights and sampler (guidance, DDIM steps, object guidance:
+the objective is measured on its images), and its record says where the lr came from.
 """
 
 from __future__ import annotations

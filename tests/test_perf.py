@@ -68,6 +68,7 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
             assert v["memory"]["peak_bytes"] >= v["memory"]["static_bytes"] > 0
     assert set(result["micro"]["methods"]) == {"lora", "oft"} and result["micro"]["reference"] == "lora"
     assert set(result["sampling"]["methods"]) == {"lora", "oft"}
+    assert result["sampling"]["object_guidance"]["setting"]["until_t"] == 719
     ratios = list(_ratios(result))
     assert len(ratios) > 50
     for where, value in ratios:

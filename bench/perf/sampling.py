@@ -1,8 +1,10 @@
-"""Measurement 3: sampling with a merged adapter (and with the adapter attached, in eval mode) against the base."""
+"""Measurement 3: sampling with a merged adapter (and with the adapter attached, in eval mode) against the base;
+and the base with the micro tasks' object guidance against the base without."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import nn
@@ -47,10 +49,13 @@ def sampling_variants(base, names: list[str]) -> dict:
 def bench_sampling(names: list[str], device, repeats: int, min_seconds: float, prompts: int = 4,
                    steps: int = 10) -> dict:
     """`bench.sample.generate` on the micro model (`prompts` micro-world captions, `steps` DDIM steps) for every
-    variant of `sampling_variants`, timed interleaved against the base model."""
+    variant of `sampling_variants`, and for the base model with object guidance, timed interleaved against the base
+    model."""
     import numpy as np
+    from omegaconf import OmegaConf
 
-    from bench import models
+    from bench import CONF, models
+    from bench.attention import ObjectGuidance
     from bench.sample import generate
     from tasks.micro import world
 
@@ -59,9 +64,14 @@ def bench_sampling(names: list[str], device, repeats: int, min_seconds: float, p
     variants = sampling_variants(models.load("micro", device=device), names)
     calls = {k: (lambda m=m: generate(m, captions, seeds=range(len(captions)), steps=steps)) for k, m in
              variants.items()}
+    guidance = ObjectGuidance.from_config(OmegaConf.load(CONF / "model" / "micro.yaml").object_guidance)
+    calls["base:object guidance"] = lambda: generate(variants["base"], captions, seeds=range(len(captions)),
+                                                     steps=steps, object_guidance=guidance)
     with tqdm(total=measurements(len(calls), repeats), desc="sampling", unit="run", leave=False) as bar:
         timing = interleaved(calls, "base", repeats, device, min_seconds, bar)
     out = {"prompts": captions, "ddim_steps": steps, "repeats": repeats, "base_seconds": timing.median("base"),
+           "object_guidance": {"setting": dataclasses.asdict(guidance),
+                               "vs_base": timing.ratio("base:object guidance", "base")},
            "methods": {}}
     for name in names:
         out["methods"][name] = {
