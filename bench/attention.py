@@ -83,7 +83,7 @@ class ObjectGuidance:
     from the conditional branch's cross-attention. An object token is one whose text contains one of `words` (the micro
     model's object phrases, "small red circle", contain its shape words). The micro model, trained to ground each
     object token on its object, otherwise draws one object of three twice and leaves another out in a third of its
-    three-object images (docs/micro-model.md, "Object guidance")."""
+    three-object images (docs/micro-model.md, "Object guidance in sampling")."""
 
     scale: float
     until_t: int
@@ -111,7 +111,7 @@ class ObjectGuidance:
 
     @classmethod
     def from_config(cls, cfg) -> ObjectGuidance | None:
-        """From `task.object_guidance` (null: none)."""
+        """From `task.object_guidance` or a dict of the same fields (None: none)."""
         if cfg is None:
             return None
-        return cls(float(cfg.scale), int(cfg.until_t), tuple(str(w) for w in cfg.words))
+        return cls(float(cfg["scale"]), int(cfg["until_t"]), tuple(str(w) for w in cfg["words"]))

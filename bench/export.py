@@ -162,10 +162,11 @@ def source_folder(path: str) -> Path:
     return Path(snapshot_download(where))
 
 
-def write_pipeline(model, source, out) -> Path:
+def write_pipeline(model, source, out, object_guidance: dict | None = None) -> Path:
     """A diffusers pipeline folder at `out`: the files of `source` (the model's folder) with `model.unet` (merge
     the adapters first: `methods.merge`) saved in fp32 in `unet/`. A micro folder (space-to-depth codec) gets the
-    pipeline module diffusers needs for it, a model_index.json naming it, and its text encoder in fp32."""
+    pipeline module diffusers needs for it (and `attention.py`, which it imports), a model_index.json naming it and
+    the `object_guidance` its runs sampled with, and its text encoder in fp32."""
     import diffusers
 
     source, out = Path(source), Path(out)
@@ -182,7 +183,9 @@ def write_pipeline(model, source, out) -> Path:
     if index.get("latent_codec") == "space_to_depth":  # micro: fp32 as peftbench runs it (its files are fp16)
         model.text_encoder.to(torch.float32).save_pretrained(out / "text_encoder")
         shutil.copy2(Path(__file__).with_name("micro_pipeline.py"), out / f"{MICRO_PIPELINE}.py")
+        shutil.copy2(Path(__file__).with_name("attention.py"), out / "attention.py")
         index["_class_name"] = [MICRO_PIPELINE, "PeftbenchMicroPipeline"]
+        index["object_guidance"] = object_guidance
         index.setdefault("_diffusers_version", diffusers.__version__)
         (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out
@@ -245,7 +248,9 @@ def export_run(run_dir, to: str, out, device: str = "cpu") -> Path:
     if to == "diffusers":
         return write_diffusers(model.unet, out).parent
     methods.merge(model.unet)
-    return write_pipeline(model, source_folder(record["run"]["config"].get("model", {}).get("path", "micro")), out)
+    config = record["run"]["config"]
+    return write_pipeline(model, source_folder(config.get("model", {}).get("path", "micro")), out,
+                          (config.get("task") or {}).get("object_guidance"))
 
 
 HOW_TO_LOAD = {

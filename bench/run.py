@@ -311,7 +311,6 @@ def images_of(model, requests, cfg, encoder=None) -> torch.Tensor:
                         object_guidance=ObjectGuidance.from_config(cfg.task.get("object_guidance")))
 
 
-
 def prior_examples(job: Job, data):
     """DreamBooth's class images: generated once by the base model (before any adapter) and cached."""
     if not data.prior_prompt:

@@ -17,6 +17,7 @@ import torch
 
 import methods
 from bench import export, models
+from bench.attention import ObjectGuidance
 from bench.sample import generate
 from tiny_models import save_tiny_sd
 
@@ -200,10 +201,10 @@ def fake_run(run_dir: Path, model, name: str, model_path: str = "micro", targets
     return run_dir
 
 
-def adapted_images(model, run_dir, steps=3):
+def adapted_images(model, run_dir, steps=3, object_guidance=None):
     methods.load(model.unet, run_dir / "adapter")
     try:
-        return generate(model, PROMPTS, [5, 6], steps=steps)
+        return generate(model, PROMPTS, [5, 6], steps=steps, object_guidance=object_guidance)
     finally:
         methods.detach(model.unet)
 
@@ -344,4 +345,12 @@ def test_a_trained_lora_run_loads_in_diffusers_and_peft_with_the_same_images(tmp
 
     assert export.main([str(run), "--to", "merged", str(tmp_path / "merged")]) == 0
     merged = DiffusionPipeline.from_pretrained(tmp_path / "merged", trust_remote_code=True)
-    assert (merged(PROMPTS, seeds=[5, 6], num_inference_steps=4, output_type="pt").images - ours).abs().max() <= TOL
+    images = merged(PROMPTS, seeds=[5, 6], num_inference_steps=4, object_guidance=False, output_type="pt").images
+    assert (images - ours).abs().max() <= TOL
+    # by default the merged pipeline samples with the object guidance the run sampled with, as peftbench does
+    setting = json.loads((run / "record.json").read_text())["run"]["config"]["task"]["object_guidance"]
+    assert setting and json.loads((tmp_path / "merged" / "model_index.json").read_text())["object_guidance"] == setting
+    guided = adapted_images(model, run, steps=4, object_guidance=ObjectGuidance.from_config(setting))
+    assert (guided - ours).abs().max() > 1e-2, "object guidance left the images unchanged: nothing to compare"
+    images = merged(PROMPTS, seeds=[5, 6], num_inference_steps=4, output_type="pt").images
+    assert (images - guided).abs().max() <= 1e-3  # float noise through the gradient step: < 1/255
