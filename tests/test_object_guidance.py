@@ -119,3 +119,20 @@ def test_the_micro_tasks_sample_with_the_models_object_guidance_and_bad_values_a
         "model.object_guidance.until_t: 1000 is above 999")
     assert check_argv(["model.object_guidance.words=[]"], CONF).startswith(
         "model.object_guidance.words: [] is not a non-empty list")
+
+
+def test_object_guidance_runs_on_a_stable_diffusion_shaped_model_with_a_bpe_vocabulary(tmp_path):
+    """The generic path: object tokens found in CLIP's BPE vocabulary ("dog</w>"), the maps of a UNet with
+    attention at several resolutions, the UNet's processors restored."""
+    from tiny_models import save_tiny_sd
+
+    sd = models.load(save_tiny_sd(tmp_path / "sd"))
+    guidance = ObjectGuidance(50.0, 0, ("dog",))
+    tokens = sd.tokenizer.convert_ids_to_tokens(guidance.object_ids(sd.tokenizer).tolist())
+    assert tokens == ["dog</w>"]
+    own = {k: type(v) for k, v in sd.unet.attn_processors.items()}
+    plain = generate(sd, ["a photo of sks dog", "a photo"], [0, 1], steps=2)
+    guided = generate(sd, ["a photo of sks dog", "a photo"], [0, 1], steps=2, object_guidance=guidance)
+    assert not torch.allclose(plain[0], guided[0])  # the prompt names a dog: its latents were moved
+    assert torch.allclose(plain[1], guided[1], atol=1e-5)  # no object named: nothing to guide
+    assert {k: type(v) for k, v in sd.unet.attn_processors.items()} == own
