@@ -95,13 +95,19 @@ class ObjectGuidance:
         return torch.tensor([i for token, i in tokenizer.get_vocab().items()
                              if words & set(token.replace("</w>", "").split())], dtype=torch.long)
 
-    def step(self, model, latents: torch.Tensor, t, cond, ids: torch.Tensor, object_ids: torch.Tensor,
-             sampler) -> torch.Tensor:
-        """The latents after one step down the gradient of `neglect` (prompt token ids `ids`, encoded as `cond`)."""
-        tok = model.tokenizer
-        specials = [i for i in (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) if i is not None]
+    def token_masks(self, tokenizer, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(words, objects), each (batch, tokens) in {0, 1}, for prompt token ids `ids`: the tokens that are words
+        (not padding, start or end) and those that name an object; what `step` reads, once per batch of prompts."""
+        specials = [i for i in (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+                    if i is not None]
         words = ~torch.isin(ids, torch.tensor(specials, device=ids.device))
-        objects = torch.isin(ids, object_ids.to(ids.device))
+        objects = torch.isin(ids, self.object_ids(tokenizer).to(ids.device))
+        return words.float(), objects.float()
+
+    def step(self, model, latents: torch.Tensor, t, cond, words: torch.Tensor, objects: torch.Tensor,
+             sampler) -> torch.Tensor:
+        """The latents after one step down the gradient of `neglect` for prompts encoded as `cond`, their tokens
+        masked by `token_masks`."""
         with torch.enable_grad(), recording(model.unet) as attention:
             z = latents.detach().requires_grad_(True)
             model.predict(sampler.scale_model_input(z, t), t, cond)

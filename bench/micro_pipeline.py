@@ -83,10 +83,10 @@ class PeftbenchMicroPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         cond = self.encode_prompt(prompts)
         text = torch.cat([self.encode_prompt([""])[[0] * n], cond])
         guide = ObjectGuidance.from_config(self.config.object_guidance if object_guidance else None)
-        object_ids = guide.object_ids(self.tokenizer) if guide else None
+        masks = guide.token_masks(self.tokenizer, self.token_ids(prompts)) if guide else None
         for t in self.progress_bar(sampler.timesteps):
             if guide and t >= guide.until_t:
-                latents = guide.step(self, latents, t, cond, self.token_ids(prompts), object_ids, sampler)
+                latents = guide.step(self, latents, t, cond, *masks, sampler)
             x = sampler.scale_model_input(torch.cat([latents, latents]), t)
             uncond, cond_out = self.predict(x, t, text).chunk(2)
             latents = sampler.step(uncond + guidance_scale * (cond_out - uncond), t, latents).prev_sample

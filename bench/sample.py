@@ -50,7 +50,6 @@ def generate(
     sampler = model.sampler()
     sampler.set_timesteps(steps)
     empty = model.unconditional()
-    object_ids = object_guidance.object_ids(model.tokenizer) if object_guidance else None
     out = []
     starts = range(0, len(prompts), batch_size)
     bar = tqdm(total=len(starts) * len(sampler.timesteps), desc=desc or f"sampling {len(prompts)} images",
@@ -62,7 +61,8 @@ def generate(
         text = Prompts.cat([empty[[0] * n], cond])
         latents = initial_noise(model, seeds[part]).to(model.device) * sampler.init_noise_sigma
         c = controls[part].to(model.device) if controls is not None else None
-        ids = model._token_ids(model.tokenizer, list(prompts[part])) if object_guidance else None
+        if object_guidance:
+            masks = object_guidance.token_masks(model.tokenizer, model._token_ids(model.tokenizer, list(prompts[part])))
 
         def control(rows: int):  # the control encoder's injection for a UNet call on `rows` images
             return contextlib.nullcontext() if c is None else encoder.inject(model.unet, c.repeat(rows // n, 1, 1, 1))
@@ -70,7 +70,7 @@ def generate(
         for t in sampler.timesteps:
             if object_guidance and t >= object_guidance.until_t:
                 with control(n):
-                    latents = object_guidance.step(model, latents, t, cond, ids, object_ids, sampler)
+                    latents = object_guidance.step(model, latents, t, cond, *masks, sampler)
             with control(2 * n):
                 x = sampler.scale_model_input(torch.cat([latents, latents]), t)
                 uncond, cond_out = model.predict(x, t, text).chunk(2)

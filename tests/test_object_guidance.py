@@ -55,20 +55,18 @@ def test_a_guided_step_lowers_the_neglect_it_steps_on(micro):
     sampler = micro.sampler()
     sampler.set_timesteps(25)
     t = sampler.timesteps[0]
-    ids = micro._token_ids(micro.tokenizer, CAPTIONS)
     cond = micro.encode_prompts(CAPTIONS)
-    tok = micro.tokenizer
-    words = ~torch.isin(ids, torch.tensor([tok.pad_token_id, tok.bos_token_id, tok.eos_token_id]))
-    objects = torch.isin(ids, guidance.object_ids(tok))
+    words, objects = guidance.token_masks(micro.tokenizer, micro._token_ids(micro.tokenizer, CAPTIONS))
+    assert words.sum(1).tolist() == [12, 9] and objects.sum(1).tolist() == [3, 2]  # a | big red circle | and | ...
 
     def loss(z):
         with torch.no_grad(), recording(micro.unet) as attention:
             micro.predict(sampler.scale_model_input(z, t), t, cond)
-            return neglect(token_shares(attention.maps, words.float()), objects.float())
+            return neglect(token_shares(attention.maps, words), objects)
 
     z = torch.randn(2, *micro.latent_shape(1)[1:], generator=torch.Generator().manual_seed(3))
     before = loss(z)
-    after = loss(guidance.step(micro, z, t, cond, ids, guidance.object_ids(tok), sampler))
+    after = loss(guidance.step(micro, z, t, cond, words, objects, sampler))
     assert (after < before).all() and before.min() > 0.1
 
 
